@@ -1,0 +1,346 @@
+"""The doctor: one scenario in lockstep on many configurations, judged against a referee.
+
+`plan_doctor` turns options into planned worker runs (candidates, the float64
+referee and the envelope runs), `run_doctor` executes them, gives verdicts and
+writes the JSON and the HTML report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from parity import __version__
+from parity.config import Configuration, default_referee, parse_config, parse_configs
+from parity.discover import default_configs
+from parity.env import fingerprint, installed_backends
+from parity.errors import ConfigError, InputError
+from parity.faults import validate_fault_name
+from parity.io import atomic_write_json
+from parity.runner import PlannedRun, ProgressCallback, RunResult, execute
+from parity.scenarios import Scenario, get_scenario
+from parity.verdict import (
+    CONSISTENT_MAX_DISAGREEMENT,
+    DIVERGENT_EXCESS,
+    ENVELOPE_LOOKAHEAD,
+    Judgement,
+    envelope_curve,
+    judge,
+)
+
+log = logging.getLogger("parity")
+
+# Envelope runs: float32 runs from initial weights moved by one ulp, one per seed.
+ENVELOPE_SEEDS = (1, 2)
+
+# Seconds a worker may take before it is stopped: a fixed start-up allowance for
+# importing a framework, plus a per-step allowance that covers eager modes, which
+# run about 30 ms per step on a two-core CPU for the built-in scenarios.
+TIMEOUT_BASE_SECONDS = 180.0
+TIMEOUT_SECONDS_PER_STEP = 0.25
+
+
+@dataclasses.dataclass
+class DoctorOptions:
+    """What the doctor runs; every field has a default that works on any machine."""
+
+    scenario: str = "circles"
+    configs: Sequence[str] | str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    faults: Sequence[str] = ()
+    out: str | os.PathLike[str] = "parity-report"
+    json_path: str | os.PathLike[str] | None = None
+    jobs: int | None = None
+    timeout: float | None = None
+    referee: str | None = None
+    activation: str = "relu"
+    report: bool = True
+
+
+@dataclasses.dataclass
+class DoctorResult:
+    """Everything a doctor run produced: runs, verdicts, and where files were written."""
+
+    options: DoctorOptions
+    scenario: Scenario
+    results: list[RunResult]
+    judgements: dict[str, Judgement]
+    summary: dict[str, Any]
+    report_path: Path | None = None
+    json_path: Path | None = None
+
+    @property
+    def candidates(self) -> list[RunResult]:
+        """The results of the configurations under test, in plan order."""
+        return [result for result in self.results if result.run.role == "candidate"]
+
+    @property
+    def referee(self) -> RunResult | None:
+        """The float64 referee's result, if it was planned."""
+        return next((r for r in self.results if r.run.role == "referee"), None)
+
+    @property
+    def envelope_runs(self) -> list[RunResult]:
+        """The envelope runs' results."""
+        return [result for result in self.results if result.run.role == "envelope"]
+
+
+def parse_fault_options(
+    faults: Sequence[str],
+) -> list[tuple[str, Configuration | None]]:
+    """Split ``NAME`` and ``NAME@CONFIG`` fault options into (name, target)."""
+    parsed = []
+    for text in faults:
+        name, at, target = text.rpartition("@") if "@" in text else (text, "", "")
+        name = name.strip()
+        if not name:
+            raise InputError(
+                f"Invalid fault {text!r}: write NAME or NAME@CONFIG, as in fused-dense-relu@tensorflow:cpu:graph:float32."
+            )
+        validate_fault_name(name)
+        parsed.append((name, parse_config(target) if at else None))
+    return parsed
+
+
+def _validate_numbers(options: DoctorOptions) -> None:
+    for flag, value in (
+        ("--epochs", options.epochs),
+        ("--batch-size", options.batch_size),
+        ("--jobs", options.jobs),
+    ):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            name = flag.lstrip("-").replace("-", "_")
+            raise InputError(
+                f"Invalid {flag} {value!r} (Python: {name}=): use a positive integer."
+            )
+    if options.timeout is not None and not options.timeout > 0:
+        raise InputError(
+            f"Invalid --timeout {options.timeout!r} (Python: timeout=): use a positive number of seconds."
+        )
+
+
+def plan_doctor(options: DoctorOptions) -> list[PlannedRun]:
+    """Turn options into the list of worker runs: candidates, referee, envelope runs."""
+    _validate_numbers(options)
+    get_scenario(options.scenario)
+    installed = installed_backends()
+    not_run: list[tuple[str, str]] = []
+    if options.configs:
+        candidates = parse_configs(options.configs)
+    else:
+        candidates, not_run = default_configs()
+    if len(set(candidates)) != len(candidates):
+        raise ConfigError(
+            f"A configuration is listed twice in --configs {options.configs!r}; list each once."
+        )
+
+    referee = (
+        parse_config(options.referee) if options.referee else default_referee(installed)
+    )
+    faults = parse_fault_options(options.faults)
+    for name, target in faults:
+        if target is not None and target not in candidates:
+            raise ConfigError(
+                f"Fault target {target} of --fault {name}@{target} is not among the configurations "
+                f"run: {', '.join(map(str, candidates))}. Name one of them."
+            )
+
+    runs: list[PlannedRun] = []
+    for index, config in enumerate(candidates):
+        applied = tuple(
+            name for name, target in faults if target is None or target == config
+        )
+        reason = (
+            None
+            if config.backend in installed
+            else f"{config.backend} is not installed"
+        )
+        runs.append(
+            PlannedRun(
+                f"{index:02d}-{_slug(config)}",
+                config,
+                "candidate",
+                applied,
+                None,
+                reason,
+            )
+        )
+    for label, reason in not_run:
+        backend = label.split(":", 1)[0]
+        config = Configuration(backend, "cpu") if label.endswith(":cpu") else None
+        runs.append(_not_run_row(label, reason, config))
+
+    if referee is None:
+        raise InputError(
+            "No backend is installed, so nothing can run: pip install tensorflow, jax or torch."
+        )
+    referee_reason = (
+        None if referee.backend in installed else f"{referee.backend} is not installed"
+    )
+    runs.append(
+        PlannedRun(
+            f"referee-{_slug(referee)}", referee, "referee", (), None, referee_reason
+        )
+    )
+    envelope_config = referee.replace(precision="float32")
+    others = [b for b in installed if b != referee.backend]
+    for seed in ENVELOPE_SEEDS:
+        config = envelope_config
+        if seed == ENVELOPE_SEEDS[-1] and others:
+            config = default_referee([others[0]]).replace(precision="float32")  # type: ignore[union-attr]
+        runs.append(
+            PlannedRun(
+                f"envelope-{seed}-{_slug(config)}",
+                config,
+                "envelope",
+                (),
+                seed,
+                referee_reason,
+            )
+        )
+    return runs
+
+
+def _not_run_row(label: str, reason: str, config: Configuration | None) -> PlannedRun:
+    backend, _, device = label.partition(":")
+    if config is None:
+        device_index = None if device in ("mps", "metal") else 0
+        config = Configuration(backend, device, device_index)
+    return PlannedRun(
+        f"na-{label.replace(':', '-')}", config, "candidate", (), None, reason
+    )
+
+
+def _slug(config: Configuration) -> str:
+    return str(config).replace(":", "-").replace("=", "")
+
+
+def default_timeout(scenario: Scenario, epochs: int, batch_size: int) -> float:
+    """Return the default per-worker timeout in seconds for a scenario's size."""
+    from parity.lockstep import steps_per_epoch
+
+    size = {"circles": 1000, "moons": 1000, "blobs": 1000, "digits": 1797}.get(
+        scenario.name, 1000
+    )
+    steps = epochs * steps_per_epoch(size, batch_size)
+    return TIMEOUT_BASE_SECONDS + TIMEOUT_SECONDS_PER_STEP * steps
+
+
+def run_doctor(
+    options: DoctorOptions, progress: ProgressCallback | None = None
+) -> DoctorResult:
+    """Plan, run, judge and report; return the result with the paths it wrote."""
+    runs = plan_doctor(options)
+    scenario = get_scenario(options.scenario)
+    epochs = options.epochs or scenario.epochs
+    batch_size = options.batch_size or scenario.batch_size
+    out = Path(options.out)
+    common = {
+        "scenario": scenario.name,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "seed": options.seed,
+        "learning_rate": scenario.learning_rate,
+        "activation": options.activation,
+    }
+    jobs = options.jobs or max(1, min(4, os.cpu_count() or 1))
+    timeout = options.timeout or default_timeout(scenario, epochs, batch_size)
+    results = execute(
+        runs, out / "runs", common, jobs=jobs, timeout=timeout, progress=progress
+    )
+
+    judgements = judge_all(results)
+    summary = summarize(scenario, common, results, judgements)
+    doctor = DoctorResult(options, scenario, results, judgements, summary)
+    json_path = Path(options.json_path) if options.json_path else out / "results.json"
+    atomic_write_json(json_path, summary)
+    doctor.json_path = json_path
+    if options.report:
+        from parity.report import write_report
+
+        doctor.report_path = write_report(doctor, out / "report.html")
+    return doctor
+
+
+def judge_all(results: list[RunResult]) -> dict[str, Judgement]:
+    """Give every candidate its verdict; the key is the run's key."""
+    referee = next((r for r in results if r.run.role == "referee"), None)
+    envelope_runs = [r for r in results if r.run.role == "envelope"]
+    envelope = None
+    if referee is not None and referee.ok:
+        per_epoch = int(referee.meta.get("steps_per_epoch", 1))
+        envelope = envelope_curve(envelope_runs, referee, per_epoch)
+    return {
+        result.run.key: judge(result, referee, envelope)
+        for result in results
+        if result.run.role == "candidate"
+    }
+
+
+def _run_fields(result: RunResult) -> dict[str, Any]:
+    config = result.run.config
+    meta = result.meta
+    return {
+        "config": result.run.label if result.run.role == "envelope" else str(config),
+        "backend": config.backend,
+        "device": config.device_string,
+        "mode": config.mode,
+        "precision": config.precision,
+        "flags": dict(config.flags),
+        "role": result.run.role,
+        "faults": list(result.run.faults),
+        "status": result.status,
+        "final_loss": meta.get("final_loss"),
+        "final_accuracy": meta.get("final_accuracy"),
+        "steps": meta.get("steps"),
+        "init_digest": meta.get("init_digest"),
+        "schedule_digest": meta.get("schedule_digest"),
+        "error": result.error,
+        "returncode": result.returncode,
+        "stderr_tail": result.stderr_tail or None,
+        "wall_seconds": round(result.wall_seconds, 3),
+        "timing": meta.get("timing"),
+        "environment": meta.get("environment"),
+    }
+
+
+def summarize(
+    scenario: Scenario,
+    common: dict[str, Any],
+    results: list[RunResult],
+    judgements: dict[str, Judgement],
+) -> dict[str, Any]:
+    """Build the JSON document of a doctor run."""
+    configs = []
+    for result in results:
+        if result.run.role != "candidate":
+            continue
+        fields = _run_fields(result)
+        fields.update(judgements[result.run.key].to_dict())
+        configs.append(fields)
+    referee = next((r for r in results if r.run.role == "referee"), None)
+    return {
+        "parity_version": __version__,
+        "scenario": {
+            "name": scenario.name,
+            "description": scenario.description,
+            **common,
+        },
+        "referee": _run_fields(referee) if referee else None,
+        "envelope": [_run_fields(r) for r in results if r.run.role == "envelope"],
+        "thresholds": {
+            "divergent_excess": DIVERGENT_EXCESS,
+            "consistent_max_disagreement": CONSISTENT_MAX_DISAGREEMENT,
+            "envelope_lookahead": ENVELOPE_LOOKAHEAD,
+        },
+        "environment": fingerprint(),
+        "configs": configs,
+    }
