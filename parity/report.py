@@ -84,17 +84,26 @@ def boundary_figure(doctor: DoctorResult) -> str | None:
     )
     labels = y.reshape(-1)
     for axis, result in zip(axes.ravel(), shown, strict=False):
-        classes = predicted_classes(result.arrays["predictions/grid"]).reshape(
-            len(ys), len(xs)
-        )
-        axis.contourf(
-            xs,
-            ys,
-            classes,
-            levels=np.arange(doctor.scenario.num_classes + 1) - 0.5,
-            cmap="coolwarm",
-            alpha=0.35,
-        )
+        grid = np.asarray(result.arrays["predictions/grid"], np.float64)
+        if doctor.scenario.task == "binary":
+            # Shade the probability so that a near-linear model shows its gradient.
+            probability = grid.reshape(len(ys), len(xs))
+            axis.contourf(
+                xs,
+                ys,
+                probability,
+                levels=np.linspace(0, 1, 11),
+                cmap="coolwarm",
+                alpha=0.4,
+            )
+            if probability.min() < 0.5 < probability.max():
+                axis.contour(
+                    xs, ys, probability, levels=[0.5], colors="k", linewidths=1
+                )
+        else:
+            classes = predicted_classes(grid).reshape(len(ys), len(xs))
+            levels = np.arange(doctor.scenario.num_classes + 1) - 0.5
+            axis.contourf(xs, ys, classes, levels=levels, cmap="coolwarm", alpha=0.35)
         axis.scatter(
             x[:, 0], x[:, 1], c=labels, cmap="coolwarm", s=4, edgecolors="none"
         )

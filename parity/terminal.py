@@ -78,32 +78,32 @@ def print_summary(result: DoctorResult, console: Console | None = None) -> None:
     summary = result.summary
     referee = summary["referee"] or {}
     table = Table(
-        title=f"parity doctor: {summary['scenario']['name']}, referee {referee.get('config')} ({referee.get('status')})"
+        title=f"parity doctor: {summary['scenario']['name']}, "
+        f"referee {referee.get('config')} ({referee.get('status')})"
     )
-    for column in (
-        "configuration",
-        "verdict",
-        "excess",
-        "first div. step",
-        "final acc.",
-        "boundary disagr.",
-        "reason",
-    ):
+    columns = ("configuration", "verdict", "excess", "first div. step")
+    columns += ("final acc.", "boundary disagr.")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for entry in summary["configs"]:
         verdict = entry["verdict"]
         disagreement = entry["boundary_disagreement"]
+        faults = f" +{','.join(entry['faults'])}" if entry["faults"] else ""
         table.add_row(
-            entry["config"]
-            + (f" +{','.join(entry['faults'])}" if entry["faults"] else ""),
+            entry["config"] + faults,
             f"[{VERDICT_STYLES.get(verdict, '')}]{verdict}",
             _number(entry["excess"]),
             _number(entry["first_divergent_step"]),
             _number(entry["final_accuracy"], "{:.3f}"),
             "-" if disagreement is None else f"{100 * disagreement:.2f}%",
-            entry["reason"],
         )
     console.print(table)
+    for entry in summary["configs"]:
+        style = VERDICT_STYLES.get(entry["verdict"], "")
+        console.print(
+            f"  {entry['config']}: [{style}]{entry['verdict']}[/], {entry['reason']}",
+            highlight=False,
+        )
     if result.report_path:
         console.print(f"report: {result.report_path}")
     if result.json_path:
