@@ -14,6 +14,7 @@ from parity.config import Configuration, parse_config, parse_configs
 from parity.errors import ConfigError, InputError, ParityError, WorkerError
 
 if TYPE_CHECKING:
+    from parity.compare import TensorComparison, compare_tensors
     from parity.doctor import DoctorOptions, DoctorResult
 
 __all__ = [
@@ -23,7 +24,9 @@ __all__ = [
     "DoctorResult",
     "InputError",
     "ParityError",
+    "TensorComparison",
     "WorkerError",
+    "compare_tensors",
     "doctor",
     "parse_config",
     "parse_configs",
@@ -42,4 +45,8 @@ def __getattr__(name: str) -> Any:
         from parity import doctor as doctor_module
 
         return getattr(doctor_module, name)
+    if name in ("compare_tensors", "TensorComparison"):
+        from parity import compare
+
+        return getattr(compare, name)
     raise AttributeError(f"module 'parity' has no attribute {name!r}")
