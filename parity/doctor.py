@@ -21,7 +21,17 @@ from parity.env import fingerprint, installed_backends
 from parity.errors import ConfigError, InputError
 from parity.faults import validate_fault_name
 from parity.io import atomic_write_json
-from parity.runner import PlannedRun, ProgressCallback, RunResult, execute
+from parity.lockstep import digest_bytes
+from parity.runner import (
+    Interrupted,
+    PlannedRun,
+    ProgressCallback,
+    RunResult,
+    default_memory_limit,
+    execute,
+    parse_memory_limit,
+    prepare_output_directory,
+)
 from parity.scenarios import Scenario, get_scenario
 from parity.verdict import (
     CONSISTENT_MAX_DISAGREEMENT,
@@ -43,6 +53,15 @@ ENVELOPE_SEEDS = (1, 2)
 TIMEOUT_BASE_SECONDS = 180.0
 TIMEOUT_SECONDS_PER_STEP = 0.25
 
+# Hidden-layer activations that `keras.activations.get` accepts by name (Keras 3.15).
+# NOTE: a name added in a later Keras is rejected until it is added here.
+KERAS_ACTIVATIONS = frozenset(
+    "celu elu exponential gelu glu hard_shrink hard_sigmoid hard_silu hard_swish "
+    "hard_tanh leaky_relu linear log_sigmoid log_softmax mish relu relu6 selu sigmoid "
+    "silu soft_shrink softmax softplus softsign sparse_plus sparse_sigmoid sparsemax "
+    "squareplus swish tanh tanh_shrink threshold".split()
+)
+
 
 @dataclasses.dataclass
 class DoctorOptions:
@@ -61,6 +80,11 @@ class DoctorOptions:
     referee: str | None = None
     activation: str = "relu"
     report: bool = True
+    memory_limit: int | str | None = None  # bytes, or a size such as "4GiB"
+    resume: bool = False
+    # Localize divergent configurations and diagnose the model (parity.localize).
+    localize: bool = False
+    seeds: int = 1  # more than 1 adds outcome-level comparisons over seeds
 
 
 @dataclasses.dataclass
@@ -74,6 +98,9 @@ class DoctorResult:
     summary: dict[str, Any]
     report_path: Path | None = None
     json_path: Path | None = None
+    interrupted: str | None = None  # the signal that stopped the run, such as SIGINT
+    # parity.localize.Localization per localized run key, when options.localize is set.
+    localizations: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def candidates(self) -> list[RunResult]:
@@ -113,6 +140,7 @@ def _validate_numbers(options: DoctorOptions) -> None:
         ("--epochs", options.epochs),
         ("--batch-size", options.batch_size),
         ("--jobs", options.jobs),
+        ("--seeds", options.seeds),
     ):
         if value is not None and (
             not isinstance(value, int) or isinstance(value, bool) or value < 1
@@ -125,12 +153,28 @@ def _validate_numbers(options: DoctorOptions) -> None:
         raise InputError(
             f"Invalid --timeout {options.timeout!r} (Python: timeout=): use a positive number of seconds."
         )
+    seed = options.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise InputError(
+            f"Invalid --seed {seed!r} (Python: seed=): use an integer of 0 or more."
+        )
+    if options.activation not in KERAS_ACTIVATIONS:
+        raise InputError(
+            f"Unknown activation {options.activation!r} (--activation, Python: "
+            f"activation=). Use a Keras activation name: {', '.join(sorted(KERAS_ACTIVATIONS))}."
+        )
+    parse_memory_limit(options.memory_limit)
 
 
 def plan_doctor(options: DoctorOptions) -> list[PlannedRun]:
     """Turn options into the list of worker runs: candidates, referee, envelope runs."""
-    _validate_numbers(options)
     get_scenario(options.scenario)
+    return plan_runs(options)
+
+
+def plan_runs(options: DoctorOptions) -> list[PlannedRun]:
+    """Plan candidates, referee and envelope runs for any experiment, scenario or not."""
+    _validate_numbers(options)
     installed = installed_backends()
     not_run: list[tuple[str, str]] = []
     if options.configs:
@@ -145,6 +189,12 @@ def plan_doctor(options: DoctorOptions) -> list[PlannedRun]:
     referee = (
         parse_config(options.referee) if options.referee else default_referee(installed)
     )
+    if referee is not None and referee.precision != "float64":
+        raise ConfigError(
+            f"Invalid referee {str(referee)!r} (--referee, Python: referee=): the referee "
+            "computes in float64; write a float64 configuration such as "
+            "tensorflow:cpu:graph:float64."
+        )
     faults = parse_fault_options(options.faults)
     for name, target in faults:
         if target is not None and target not in candidates:
@@ -178,6 +228,13 @@ def plan_doctor(options: DoctorOptions) -> list[PlannedRun]:
         config = Configuration(backend, "cpu") if label.endswith(":cpu") else None
         runs.append(_not_run_row(label, reason, config))
 
+    return runs + plan_referee_runs(referee, installed)
+
+
+def plan_referee_runs(
+    referee: Configuration | None, installed: list[str]
+) -> list[PlannedRun]:
+    """Plan the float64 referee and the envelope runs that calibrate its verdicts."""
     if referee is None:
         raise InputError(
             "No backend is installed, so nothing can run: pip install tensorflow, jax or torch."
@@ -185,11 +242,11 @@ def plan_doctor(options: DoctorOptions) -> list[PlannedRun]:
     referee_reason = (
         None if referee.backend in installed else f"{referee.backend} is not installed"
     )
-    runs.append(
+    runs = [
         PlannedRun(
             f"referee-{_slug(referee)}", referee, "referee", (), None, referee_reason
         )
-    )
+    ]
     envelope_config = referee.replace(precision="float32")
     others = [b for b in installed if b != referee.backend]
     for seed in ENVELOPE_SEEDS:
@@ -227,47 +284,139 @@ def default_timeout(scenario: Scenario, epochs: int, batch_size: int) -> float:
     """Return the default per-worker timeout in seconds for a scenario's size."""
     from parity.lockstep import steps_per_epoch
 
-    size = {"circles": 1000, "moons": 1000, "blobs": 1000, "digits": 1797}.get(
-        scenario.name, 1000
-    )
-    steps = epochs * steps_per_epoch(size, batch_size)
+    steps = epochs * steps_per_epoch(len(scenario.data()[0]), batch_size)
     return TIMEOUT_BASE_SECONDS + TIMEOUT_SECONDS_PER_STEP * steps
 
 
 def run_doctor(
     options: DoctorOptions, progress: ProgressCallback | None = None
 ) -> DoctorResult:
-    """Plan, run, judge and report; return the result with the paths it wrote."""
+    """Plan, run, judge and report; return the result with the paths it wrote.
+
+    On SIGINT, SIGTERM or SIGHUP the workers are stopped, the JSON and the report
+    are written with the unfinished runs marked not-run, and `Interrupted` is
+    raised with ``outcome`` set to the `DoctorResult`.
+    """
     runs = plan_doctor(options)
     scenario = get_scenario(options.scenario)
     epochs = options.epochs or scenario.epochs
     batch_size = options.batch_size or scenario.batch_size
-    out = Path(options.out)
+    prepare_output_paths(options)
     common = {
         "scenario": scenario.name,
+        "data_digest": digest_bytes(scenario.data()),
         "epochs": epochs,
         "batch_size": batch_size,
         "seed": options.seed,
         "learning_rate": scenario.learning_rate,
         "activation": options.activation,
     }
-    jobs = options.jobs or max(1, min(4, os.cpu_count() or 1))
     timeout = options.timeout or default_timeout(scenario, epochs, batch_size)
-    results = execute(
-        runs, out / "runs", common, jobs=jobs, timeout=timeout, progress=progress
+    return run_planned(options, scenario, runs, common, timeout, progress)
+
+
+def prepare_output_paths(options: DoctorOptions) -> Path:
+    """Check that the report directory and the JSON file can be written; return the JSON path."""
+    out = Path(options.out)
+    json_path = Path(options.json_path) if options.json_path else out / "results.json"
+    prepare_output_directory(out, "--out", "out")
+    if json_path.is_dir():
+        raise InputError(
+            f"--json {str(json_path)!r} is a directory (Python: json_path=): name a file."
+        )
+    prepare_output_directory(json_path.parent, "--json", "json_path", json_path)
+    return json_path
+
+
+def run_planned(
+    options: DoctorOptions,
+    scenario: Scenario,
+    runs: list[PlannedRun],
+    common: dict[str, Any],
+    timeout: float,
+    progress: ProgressCallback | None = None,
+) -> DoctorResult:
+    """Execute planned runs, give verdicts, and write the JSON and the report.
+
+    ``common`` goes into every worker's spec and into the JSON's scenario section.
+    """
+    out = Path(options.out)
+    json_path = prepare_output_paths(options)
+    jobs = options.jobs or max(1, min(4, os.cpu_count() or 1))
+    memory_limit = (
+        default_memory_limit(jobs)
+        if options.memory_limit is None
+        else parse_memory_limit(options.memory_limit)
     )
+    interruption = None
+    try:
+        results = execute(
+            runs,
+            out / "runs",
+            common,
+            jobs=jobs,
+            timeout=timeout,
+            memory_limit=memory_limit,
+            resume=options.resume,
+            progress=progress,
+        )
+    except Interrupted as error:
+        interruption, results = error, error.results
 
     judgements = judge_all(results)
+    if interruption is not None:
+        _mark_unjudged(results, judgements, interruption.signal_name)
     summary = summarize(scenario, common, results, judgements)
+    summary["interrupted"] = interruption.signal_name if interruption else None
     doctor = DoctorResult(options, scenario, results, judgements, summary)
-    json_path = Path(options.json_path) if options.json_path else out / "results.json"
+    doctor.interrupted = summary["interrupted"]
+    if options.seeds > 1 and interruption is None:
+        from parity.outcome import run_seeds
+
+        outcomes = run_seeds(
+            doctor,
+            options.seeds,
+            common,
+            jobs=jobs,
+            timeout=timeout,
+            memory_limit=memory_limit,
+            progress=progress,
+        )
+        for entry, result in zip(summary["configs"], doctor.candidates, strict=True):
+            if result.run.key in outcomes:
+                entry["outcome"] = outcomes[result.run.key].to_dict()
+    if options.localize and interruption is None:
+        from parity.localize import localize_and_diagnose
+
+        localize_and_diagnose(doctor, timeout=timeout)
     atomic_write_json(json_path, summary)
     doctor.json_path = json_path
     if options.report:
         from parity.report import write_report
 
         doctor.report_path = write_report(doctor, out / "report.html")
+    if interruption is not None:
+        interruption.outcome = doctor
+        raise interruption
     return doctor
+
+
+def _mark_unjudged(
+    results: list[RunResult], judgements: dict[str, Judgement], signal_name: str
+) -> None:
+    """Mark finished candidates that lack a verdict because the run was interrupted."""
+    if not any(
+        r.run.role in ("referee", "envelope") and r.status == "not-run" for r in results
+    ):
+        return
+    for result in results:
+        judgement = judgements.get(result.run.key)
+        if result.ok and judgement is not None and judgement.verdict == "failed":
+            judgements[result.run.key] = Judgement(
+                "not-run",
+                f"finished, but no verdict: stopped by {signal_name} before the "
+                "referee and the envelope runs finished; run again with --resume",
+            )
 
 
 def judge_all(results: list[RunResult]) -> dict[str, Judgement]:
@@ -307,6 +456,12 @@ def _run_fields(result: RunResult) -> dict[str, Any]:
         "returncode": result.returncode,
         "stderr_tail": result.stderr_tail or None,
         "wall_seconds": round(result.wall_seconds, 3),
+        "reused": result.reused,
+        "peak_resident_mib": (
+            None
+            if result.peak_resident_bytes is None
+            else round(result.peak_resident_bytes / 2**20, 1)
+        ),
         "timing": meta.get("timing"),
         "environment": meta.get("environment"),
     }

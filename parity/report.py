@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,7 +130,9 @@ def class_disagreement_figure(doctor: DoctorResult) -> str | None:
     import matplotlib.pyplot as plt
 
     referee = doctor.referee
-    if referee is None or not referee.ok:
+    if referee is None or not referee.ok or "predictions/data" not in referee.arrays:
+        return None
+    if doctor.scenario.task not in ("binary", "multiclass"):
         return None
     _, y = doctor.scenario.data()
     truth = predicted_classes(referee.arrays["predictions/data"])
@@ -140,7 +143,7 @@ def class_disagreement_figure(doctor: DoctorResult) -> str | None:
     )
     figure, axis = plt.subplots(figsize=(9, 3.5))
     classes = np.arange(doctor.scenario.num_classes)
-    shown = [r for r in doctor.candidates if r.ok]
+    shown = [r for r in doctor.candidates if r.ok and "predictions/data" in r.arrays]
     width = 0.8 / max(1, len(shown))
     for offset, result in enumerate(shown):
         ours = predicted_classes(result.arrays["predictions/data"])
@@ -155,6 +158,33 @@ def class_disagreement_figure(doctor: DoctorResult) -> str | None:
     axis.set_ylabel("fraction classified unlike the referee")
     axis.legend(fontsize=7)
     return _png(figure)
+
+
+def prediction_disagreement_table(doctor: DoctorResult) -> str | None:
+    """Return an HTML matrix: the percentage of data points two runs classify differently."""
+    shown = [
+        r
+        for r in [doctor.referee, *doctor.candidates]
+        if r is not None and r.ok and "predictions/data" in r.arrays
+    ]
+    if len(shown) < 2:
+        return None
+    classes = [predicted_classes(r.arrays["predictions/data"]) for r in shown]
+    names = [
+        f"{r.run.config} (referee)" if r.run.role == "referee" else str(r.run.config)
+        for r in shown
+    ]
+    header = "".join(f"<th><code>{html.escape(name)}</code></th>" for name in names)
+    rows = [f"<tr><th></th>{header}</tr>"]
+    for name, ours in zip(names, classes, strict=True):
+        cells = "".join(
+            f"<td>{100 * np.mean(ours != theirs):.2f}%</td>"
+            if ours.shape == theirs.shape
+            else "<td>–</td>"
+            for theirs in classes
+        )
+        rows.append(f"<tr><th><code>{html.escape(name)}</code></th>{cells}</tr>")
+    return "<table>" + "".join(rows) + "</table>"
 
 
 def loss_figure(doctor: DoctorResult) -> str | None:
@@ -286,8 +316,12 @@ def environment_section(doctor: DoctorResult) -> str:
     return "".join(parts)
 
 
-def render(doctor: DoctorResult) -> str:
-    """Return the whole report as an HTML string."""
+def render(doctor: DoctorResult, extra_sections: Sequence[str] = ()) -> str:
+    """Return the whole report as an HTML string.
+
+    ``extra_sections`` are HTML fragments placed before the environments, each
+    starting with its own ``<h2>`` title.
+    """
     summary = doctor.summary
     scenario = summary["scenario"]
     referee = summary["referee"] or {}
@@ -302,6 +336,10 @@ def render(doctor: DoctorResult) -> str:
         f"Above {DIVERGENT_EXCESS:g} the configuration is divergent.</p>",
         verdict_table(doctor),
     ]
+    if getattr(doctor, "localizations", None) or "model_diagnosis" in summary:
+        from parity.localize import localization_html
+
+        sections += localization_html(doctor)
     boundary = boundary_figure(doctor)
     if boundary:
         sections += [
@@ -315,18 +353,29 @@ def render(doctor: DoctorResult) -> str:
                 "<h2>Disagreement with the referee per class</h2>",
                 _img(figure, "per-class disagreement"),
             ]
+    table = prediction_disagreement_table(doctor)
+    if table:
+        sections += [
+            "<h2>Predicted classes compared between configurations</h2>",
+            "<p>Percentage of data points that two configurations put in different "
+            "classes. Predictions are made on the held-out rows when there are any, "
+            "and on the training data otherwise.</p>",
+            table,
+        ]
     for title, figure in (
         ("Training loss", loss_figure(doctor)),
         ("Distance to the referee", distance_figure(doctor)),
     ):
         if figure:
             sections += [f"<h2>{title}</h2>", _img(figure, title)]
-    sections += ["<h2>Environments</h2>", environment_section(doctor)]
+    sections += [*extra_sections, "<h2>Environments</h2>", environment_section(doctor)]
     body = "\n".join(sections)
     return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>parity report</title><style>{STYLE}</style></head><body>{body}</body></html>\n"
 
 
-def write_report(doctor: DoctorResult, path: Path) -> Path:
+def write_report(
+    doctor: DoctorResult, path: Path, extra_sections: Sequence[str] = ()
+) -> Path:
     """Render the report and write it atomically to ``path``."""
-    atomic_write_text(path, render(doctor))
+    atomic_write_text(path, render(doctor, extra_sections))
     return path

@@ -76,6 +76,11 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return digits.images[..., None] / 16.0, digits.target
 
 
+def _large_circles() -> tuple[np.ndarray, np.ndarray]:
+    x, y = _circles()
+    return 1000.0 * x, y
+
+
 def _two_relu_layers(keras: Any, activation: str, units_out: int, out_act: str) -> Any:
     return keras.Sequential(
         [
@@ -110,6 +115,34 @@ def _digits_cnn(keras: Any, activation: str) -> Any:
             keras.layers.Flatten(),
             keras.layers.Dense(32, activation=activation),
             keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+
+
+def _wide_mlp(keras: Any, activation: str) -> Any:
+    return keras.Sequential(
+        [
+            keras.Input((2,)),
+            keras.layers.Dense(1100, activation=activation),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+
+
+def _radius_mlp(keras: Any, activation: str) -> Any:
+    # The squared radius is the natural feature for circles. On coordinates of about
+    # 1e3 it is about 1e6, beyond float16's largest finite value of 65,504.
+    def append_squared_radius(x: Any) -> Any:
+        squared = keras.ops.sum(keras.ops.square(x), axis=-1, keepdims=True)
+        return keras.ops.concatenate([x, squared], axis=-1)
+
+    return keras.Sequential(
+        [
+            keras.Input((2,)),
+            keras.layers.Lambda(append_squared_radius, name="squared_radius"),
+            keras.layers.Dense(12, activation=activation),
+            keras.layers.Dense(8, activation=activation),
+            keras.layers.Dense(1, activation="sigmoid"),
         ]
     )
 
@@ -160,6 +193,30 @@ SCENARIOS: dict[str, Scenario] = {
             0.003,
             _digits,
             _digits_cnn,
+        ),
+        Scenario(
+            "wide",
+            "make_moons(1000, noise=0.1): Dense 1100 relu, Dense 1 sigmoid; a layer "
+            "wider than 1024 units",
+            "binary",
+            2,
+            20,
+            32,
+            0.01,
+            _moons,
+            _wide_mlp,
+        ),
+        Scenario(
+            "large-circles",
+            "make_circles(1000, noise=0.03) scaled by 1000: squared radius appended, "
+            "Dense 12 relu, Dense 8 relu, Dense 1 sigmoid",
+            "binary",
+            2,
+            20,
+            32,
+            0.01,
+            _large_circles,
+            _radius_mlp,
         ),
     )
 }

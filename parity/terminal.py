@@ -78,7 +78,7 @@ def print_summary(result: DoctorResult, console: Console | None = None) -> None:
     summary = result.summary
     referee = summary["referee"] or {}
     table = Table(
-        title=f"parity doctor: {summary['scenario']['name']}, "
+        title=f"parity: {summary['scenario']['name']}, "
         f"referee {referee.get('config')} ({referee.get('status')})"
     )
     columns = ("configuration", "verdict", "excess", "first div. step")
@@ -104,6 +104,8 @@ def print_summary(result: DoctorResult, console: Console | None = None) -> None:
             f"  {entry['config']}: [{style}]{entry['verdict']}[/], {entry['reason']}",
             highlight=False,
         )
+        if entry.get("outcome"):
+            console.print(f"    {entry['outcome']['message']}", highlight=False)
     if result.report_path:
         console.print(f"report: {result.report_path}")
     if result.json_path:

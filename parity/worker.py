@@ -1,9 +1,10 @@
 """One configuration's lockstep run, in a process of its own.
 
-Run as ``python -m parity.worker SPEC.json``. The spec names the scenario, the
-configuration and where to write. The worker sets the environment that the
-backend reads at start-up, imports Keras, applies faults, builds the model,
-loads parity's initial weights and trains step by step on parity's batch
+Run as ``python -m parity.worker SPEC.json``. The spec names the experiment
+(a built-in scenario, or a user model with the run's stored data and training
+settings), the configuration and where to write. The worker sets the environment
+that the backend reads at start-up, imports Keras, applies faults, builds the
+model, loads the shared initial weights and trains step by step on parity's batch
 schedule. It writes ``result.json`` (metadata) and ``arrays.safetensors``
 (per-step records, checkpoints, predictions), and ``progress.json`` while it runs.
 Nothing is pickled.
@@ -11,11 +12,13 @@ Nothing is pickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,39 @@ def compile_model(
     )
 
 
+@dataclasses.dataclass
+class Experiment:
+    """A worker's training job: data, how to build and compile the model, the task."""
+
+    name: str
+    x: np.ndarray  # float32 training inputs
+    y: np.ndarray
+    x_eval: np.ndarray  # float32 inputs whose predictions are compared
+    y_eval: np.ndarray
+    task: str  # binary, multiclass, regression or other
+    from_logits: bool
+    # (keras, sample batch) -> (model, stored initial weights or None for parity's)
+    build: Callable[[Any, np.ndarray], tuple[Any, list[np.ndarray] | None]]
+    compile: Callable[[Any, Any], None]  # (keras, model)
+
+
+def scenario_experiment(spec: dict[str, Any], config: Configuration) -> Experiment:
+    """Return the experiment of a built-in scenario; predictions are on its data."""
+    scenario = get_scenario(spec["scenario"])
+    x32, y = scenario.data()
+
+    def build(keras: Any, sample: np.ndarray) -> tuple[Any, None]:
+        return scenario.build(keras, spec.get("activation", "relu")), None
+
+    def compile(keras: Any, model: Any) -> None:
+        learning_rate = spec.get("learning_rate", scenario.learning_rate)
+        compile_model(keras, model, scenario, config, learning_rate)
+
+    return Experiment(
+        scenario.name, x32, y, x32, y, scenario.task, False, build, compile
+    )
+
+
 class Recorder:
     """Per-step records: loss, batch accuracy, variable norms and a parameter sketch."""
 
@@ -146,30 +182,109 @@ def optimizer_values(model: Any) -> list[np.ndarray]:
     return [np.asarray(variable.numpy()) for variable in model.optimizer.variables]
 
 
+def locate_nonfinite(
+    keras: Any,
+    model: Any,
+    batch: np.ndarray,
+    before: list[np.ndarray],
+    after: list[np.ndarray],
+) -> dict[str, Any]:
+    """Find the layer and phase where the first non-finite step went wrong.
+
+    The forward pass is rerun layer by layer on the step's batch with the weights
+    from before the step. The first layer with a non-finite output is named, with
+    phase "forward". If every output is finite, the loss or the update made the
+    non-finite value: phase "update" names the first layer whose variables became
+    non-finite, and phase "loss" names no layer. The model's weights are restored.
+    """
+    current = model.get_weights()
+    layers = [
+        layer for layer in model.layers if layer.__class__.__name__ != "InputLayer"
+    ]
+    try:
+        model.set_weights(before)
+        probe = keras.Model(model.inputs, [layer.output for layer in layers])
+        outputs = probe(batch)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        for layer, output in zip(layers, outputs, strict=True):
+            if not np.all(np.isfinite(keras.ops.convert_to_numpy(output))):
+                return {"layer": layer.name, "phase": "forward"}
+    finally:
+        model.set_weights(current)
+    paths = [variable.path for variable in model.weights]
+    for path, value in zip(paths, after, strict=True):
+        if not np.all(np.isfinite(value)):
+            owner = next(
+                (
+                    layer.name
+                    for layer in layers
+                    if path in [w.path for w in layer.weights]
+                ),
+                None,
+            )
+            return {"layer": owner, "phase": "update"}
+    return {"layer": None, "phase": "loss"}
+
+
+def to_probabilities(outputs: np.ndarray, task: str, from_logits: bool) -> np.ndarray:
+    """Turn logits into probabilities in float64 (sigmoid or softmax) for classifiers."""
+    values = np.asarray(outputs)
+    if not from_logits or task not in ("binary", "multiclass"):
+        return values
+    logits = values.astype(np.float64)
+    if task == "binary":
+        return 0.5 * (1.0 + np.tanh(0.5 * logits))
+    shifted = np.exp(logits - np.max(logits, axis=-1, keepdims=True))
+    return shifted / np.sum(shifted, axis=-1, keepdims=True)
+
+
 def evaluate(
-    scenario: Scenario, probabilities: np.ndarray, y: np.ndarray
-) -> tuple[float, float]:
-    """Return loss and accuracy of predicted probabilities, computed in float64."""
+    task: str, probabilities: np.ndarray, y: np.ndarray
+) -> tuple[float | None, float | None]:
+    """Return loss and accuracy of predicted probabilities, computed in float64.
+
+    Only classification is evaluated here, with cross-entropy; regression and
+    other losses return None for both.
+    """
+    if task not in ("binary", "multiclass"):
+        return None, None
     p = np.asarray(probabilities, np.float64)
     eps = 1e-7
-    if scenario.task == "binary":
+    if task == "binary":
         p = np.clip(p.reshape(-1), eps, 1 - eps)
         labels = y.reshape(-1)
         loss = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
         accuracy = np.mean((p > 0.5) == (labels > 0.5))
     else:
-        labels = y.reshape(-1).astype(np.int64)
+        one_hot = y.ndim == 2 and y.shape[1] > 1
+        labels = np.argmax(y, axis=1) if one_hot else y.reshape(-1).astype(np.int64)
         picked = np.clip(p[np.arange(len(labels)), labels], eps, 1.0)
         loss = -np.mean(np.log(picked))
         accuracy = np.mean(np.argmax(p, axis=1) == labels)
     return float(loss), float(accuracy)
 
 
-def run(spec: dict[str, Any]) -> None:
+@dataclasses.dataclass
+class FailureContext:
+    """The model and a sample batch, kept so that a failure can be traced to a layer."""
+
+    model: Any = None
+    sample: np.ndarray | None = None
+
+
+def load_experiment(spec: dict[str, Any], config: Configuration) -> Experiment:
+    """Return the spec's experiment: a built-in scenario or a user model."""
+    if "scenario" in spec:
+        return scenario_experiment(spec, config)
+    from parity.models import user_experiment
+
+    return user_experiment(spec, config)
+
+
+def run(spec: dict[str, Any], failure: FailureContext | None = None) -> None:
     """Train one configuration as the spec says and write its result files."""
     out_dir = Path(spec["out_dir"])
     config = parse_config(spec["config"])
-    scenario = get_scenario(spec["scenario"])
     started = time.perf_counter()
     set_environment(config)
     keras = configure_backend(config)
@@ -178,7 +293,8 @@ def run(spec: dict[str, Any]) -> None:
     for fault in spec.get("faults", []):
         fault_catalogue.resolve_fault(fault)(config)
 
-    x32, y = scenario.data()
+    experiment = load_experiment(spec, config)
+    x32, y = experiment.x, experiment.y
     dtype = np.float64 if config.precision == "float64" else np.float32
     x = x32.astype(dtype)
     epochs, batch_size = int(spec["epochs"]), int(spec["batch_size"])
@@ -189,17 +305,17 @@ def run(spec: dict[str, Any]) -> None:
     checkpoint_every = int(spec.get("checkpoint_every") or per_epoch)
 
     with keras.device(keras_device_name(config)):
-        model = scenario.build(keras, spec.get("activation", "relu"))
-        compile_model(
-            keras,
-            model,
-            scenario,
-            config,
-            spec.get("learning_rate", scenario.learning_rate),
-        )
+        failure = failure or FailureContext()
+        failure.sample = x[:2]
+        model, stored = experiment.build(keras, x[:2])
+        failure.model = model
+        experiment.compile(keras, model)
         names = [variable.path for variable in model.weights]
         shapes = [tuple(variable.shape) for variable in model.weights]
-        init = lockstep.initial_weights(names, shapes, seed)
+        if stored is None:
+            init = lockstep.initial_weights(names, shapes, seed)
+        else:
+            init = stored
         init_digest = lockstep.digest_bytes(init)
         if spec.get("perturb_seed") is not None:
             init = lockstep.perturb_ulp(init, int(spec["perturb_seed"]))
@@ -221,10 +337,15 @@ def run(spec: dict[str, Any]) -> None:
             for i, value in enumerate(optimizer_values(model)):
                 tensors[f"checkpoint/{step}/optimizer/{i}"] = value
 
-        checkpoint(0, recorder.record_parameters(0))
+        before = recorder.record_parameters(0)
+        checkpoint(0, before)
         built = time.perf_counter()
         progress_every = max(1, total_steps // PROGRESS_UPDATES)
         step = 0
+        # (step, batch, parameters before it, after it) of the first step whose loss
+        # or parameters are not finite.
+        nonfinite: tuple[int, np.ndarray, list[np.ndarray], list[np.ndarray]] | None
+        nonfinite = None
         for epoch in range(epochs):
             order = schedule[epoch]
             for start in range(0, len(x), batch_size):
@@ -234,6 +355,12 @@ def run(spec: dict[str, Any]) -> None:
                 recorder.accuracy[step] = float(logs.get("accuracy", np.nan))
                 step += 1
                 values = recorder.record_parameters(step)
+                finite = np.isfinite(recorder.loss[step - 1]) and all(
+                    np.all(np.isfinite(value)) for value in values
+                )
+                if nonfinite is None and not finite:
+                    nonfinite = (step - 1, batch, before, values)
+                before = values
                 if step % checkpoint_every == 0 or step == total_steps:
                     checkpoint(step, values)
                 if step % progress_every == 0:
@@ -242,14 +369,42 @@ def run(spec: dict[str, Any]) -> None:
                     )
         trained = time.perf_counter()
 
-        data_probabilities = model.predict(x, batch_size=1024, verbose=0)
-        tensors["predictions/data"] = np.asarray(data_probabilities)
-        if x.ndim == 2 and x.shape[1] == 2:
-            _, _, grid = decision_grid(x32)
-            tensors["predictions/grid"] = np.asarray(
-                model.predict(grid.astype(dtype), batch_size=4096, verbose=0)
+        located: dict[str, Any] = {"step": None, "layer": None, "phase": None}
+        if nonfinite is not None:
+            first_step, first_batch, weights_before, weights_after = nonfinite
+            located = {"step": first_step, "layer": None, "phase": None}
+            try:
+                located.update(
+                    locate_nonfinite(
+                        keras, model, x[first_batch], weights_before, weights_after
+                    )
+                )
+            except Exception:
+                # The run itself finished; report it without the layer.
+                traceback.print_exc()
+
+        classifier = experiment.task in ("binary", "multiclass")
+        x_eval = experiment.x_eval.astype(dtype)
+        data_probabilities = to_probabilities(
+            model.predict(x_eval, batch_size=1024, verbose=0),
+            experiment.task,
+            experiment.from_logits,
+        )
+        # Verdicts compare predicted classes, so other outputs are kept apart.
+        # NOTE: without class predictions a regression model is at best roundoff,
+        # never consistent, until verdicts compare output values too.
+        key = "predictions/data" if classifier else "predictions/values"
+        tensors[key] = np.asarray(data_probabilities)
+        if classifier and x_eval.ndim == 2 and x_eval.shape[1] == 2:
+            _, _, grid = decision_grid(experiment.x_eval)
+            tensors["predictions/grid"] = to_probabilities(
+                model.predict(grid.astype(dtype), batch_size=4096, verbose=0),
+                experiment.task,
+                experiment.from_logits,
             )
-    final_loss, final_accuracy = evaluate(scenario, data_probabilities, y)
+    final_loss, final_accuracy = evaluate(
+        experiment.task, data_probabilities, experiment.y_eval
+    )
 
     tensors.update(
         {
@@ -266,7 +421,7 @@ def run(spec: dict[str, Any]) -> None:
         "status": "ok",
         "config": str(config),
         "role": spec.get("role", "candidate"),
-        "scenario": scenario.name,
+        "scenario": experiment.name,
         "epochs": epochs,
         "batch_size": batch_size,
         "steps": total_steps,
@@ -280,8 +435,12 @@ def run(spec: dict[str, Any]) -> None:
         "data_digest": lockstep.digest_bytes([x32]),
         "perturb_seed": spec.get("perturb_seed"),
         "faults": spec.get("faults", []),
+        "resume_key": spec.get("resume_key"),
         "final_loss": final_loss,
         "final_accuracy": final_accuracy,
+        "first_nonfinite_step": located["step"],
+        "first_nonfinite_layer": located["layer"],
+        "first_nonfinite_phase": located["phase"],
         "timing": {
             "import": imported - started,
             "build": built - imported,
@@ -294,10 +453,10 @@ def run(spec: dict[str, Any]) -> None:
 
 
 def condense_error(error: BaseException) -> str:
-    """Return an exception as one line: its type and the first line of its message."""
-    text = str(error).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(error).__name__}: {first}"[:500]
+    """Return an exception as one line: its type and its most telling message line."""
+    from parity.models import condense_error as condense
+
+    return condense(error)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,16 +466,19 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m parity.worker SPEC.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    failure = FailureContext()
     try:
-        run(spec)
+        run(spec, failure)
     except Exception as error:
         traceback.print_exc()
+        from parity.models import describe_failure
+
         atomic_write_json(
             Path(spec["out_dir"]) / RESULT_FILE,
             {
                 "format": RESULT_FORMAT,
                 "status": "failed",
-                "error": condense_error(error),
+                "error": describe_failure(error, failure.model, failure.sample),
             },
         )
         return 1

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from parity.compare import compare_tensors, fixed_tolerance_mismatch
+from parity.tensors import compare_tensors, fixed_tolerance_mismatch
 
 # FMA contraction: `b*b - a*a` with a = b = 0.1 in float32. Each summand is about
 # 0.01, and two terms are added.

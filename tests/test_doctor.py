@@ -65,7 +65,7 @@ def default_run(tmp_path_factory):
 def faulty_run(tmp_path_factory):
     """Run circles with the fused dense+ReLU fault on TensorFlow's graph mode only."""
     out = tmp_path_factory.mktemp("faulty")
-    result = parity.doctor(
+    result = parity.check(
         configs=[
             FAULTY,
             "tensorflow:cpu:eager:float32",

@@ -1,4 +1,4 @@
-"""Tests for parity.compare: verdicts, hard inputs, framework tensors, messages."""
+"""Tests for parity.tensors: verdicts, hard inputs, framework tensors, messages."""
 
 import json
 import subprocess
@@ -11,14 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from parity.compare import (
+from parity.errors import ParityError
+from parity.tensors import (
     CONSISTENT_EXCESS,
     DIVERGENT_EXCESS,
     TensorComparison,
     compare_tensors,
     fixed_tolerance_mismatch,
 )
-from parity.errors import ParityError
 
 
 def _matmul_inputs(m, k, n, seed=0):
@@ -421,7 +421,7 @@ def test_jax_tracer_rejected():
 
 def test_import_loads_no_framework():
     code = (
-        "import sys, parity.compare\n"
+        "import sys, parity.tensors\n"
         "loaded = [m for m in ('torch', 'tensorflow', 'jax') if m in sys.modules]\n"
         "print(','.join(loaded))\n"
     )
