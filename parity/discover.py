@@ -65,7 +65,7 @@ def accelerator_kinds(backend: str) -> list[tuple[str, str | None]]:
 
 
 def probe_devices(backend: str) -> tuple[list[str], str | None]:
-    """List the accelerator devices a backend sees, in a subprocess; return (devices, error)."""
+    """List the accelerator devices visible to a backend, in a subprocess; return (devices, error)."""
     command = [sys.executable, "-m", "parity.probe", backend]
     try:
         completed = subprocess.run(

@@ -110,7 +110,7 @@ def fingerprint(backend_info: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def backend_details(backend: str) -> dict[str, Any]:
-    """Describe the already imported backend: devices it sees, threads, dtype policy."""
+    """Describe the already imported backend: visible devices, threads, dtype policy."""
     import keras
 
     info: dict[str, Any] = {

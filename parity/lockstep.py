@@ -1,4 +1,4 @@
-"""What every configuration of a lockstep run shares: initial weights, batch order, digests.
+"""Inputs shared by every configuration of a lockstep run: initial weights, batch order, digests.
 
 Everything here is plain numpy and depends only on seeds and shapes, so each
 worker process computes exactly the same values for every backend.

@@ -1,4 +1,4 @@
-"""Print the accelerator devices one backend sees, as one JSON line.
+"""Print the accelerator devices visible to one backend, as one JSON line.
 
 Run as ``python -m parity.probe BACKEND``. It runs in a process of its own because
 importing a backend fixes Keras' choice of backend for the whole process.
@@ -12,7 +12,7 @@ import sys
 
 
 def accelerators(backend: str) -> list[str]:
-    """Return the names of the non-CPU devices that ``backend`` sees."""
+    """Return the names of the non-CPU devices visible to ``backend``."""
     if backend == "tensorflow":
         import tensorflow as tf
 

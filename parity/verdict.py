@@ -1,7 +1,7 @@
 """Trajectory verdicts: each configuration's distance to the referee, in units of round-off.
 
 The referee trains in float64 on the CPU. Envelope runs train in float32 from
-initial weights moved by one unit in the last place; they show how far a correct
+initial weights moved by one unit in the last place. They show how far a correct
 float32 run drifts from the referee, step by step. A candidate's *excess* at a step
 is its distance to the referee divided by that envelope. Round-off keeps the excess
 near one; a faulty kernel puts it orders of magnitude higher.
@@ -39,8 +39,8 @@ ENVELOPE_FLOOR_UNITS = 1.0
 # A candidate is divergent when its distance to the referee exceeds the envelope by
 # more than this factor at some step. Evidence, on a 2-core x86-64 CPU: correct CPU
 # configurations of TensorFlow, JAX and PyTorch reached a max excess of 1.3 in the
-# default 100-epoch circles run, and at most 1.11 over 35 correct runs of
-# benchmarks/detection.py (short runs of four scenarios). The smallest excess of a
+# default 100-epoch circles run. Over 35 correct short runs of four scenarios in
+# benchmarks/detection.py they reached at most 1.11. The smallest excess of a
 # detected fault there was 72.3 (adam-epsilon on blobs); fused-dense-relu reaches
 # about 1e6 at step 1. See docs/benchmarks.md.
 DIVERGENT_EXCESS = 30.0
@@ -181,22 +181,22 @@ def judge(
         judgement.reason = f"non-finite loss or parameters first at step {nonfinite_step}; the referee stays finite"
         return judgement
     above = np.flatnonzero(excess > DIVERGENT_EXCESS)
-    shown = _describe_disagreement(fraction, where)
+    described = _describe_disagreement(fraction, where)
     if above.size:
         step = int(above[0])
         judgement.verdict = "divergent"
         judgement.first_divergent_step = step
         judgement.reason = (
             f"leaves the round-off envelope at step {step} (excess {excess[step]:.3g}x > "
-            f"{DIVERGENT_EXCESS:g}x; max {judgement.excess:.3g}x); {shown}"
+            f"{DIVERGENT_EXCESS:g}x; max {judgement.excess:.3g}x); {described}"
         )
     elif fraction is not None and fraction <= CONSISTENT_MAX_DISAGREEMENT:
         judgement.verdict = "consistent"
-        judgement.reason = f"within the round-off envelope (max excess {judgement.excess:.3g}x); {shown}"
+        judgement.reason = f"within the round-off envelope (max excess {judgement.excess:.3g}x); {described}"
     else:
         judgement.reason = (
             f"within the round-off envelope (max excess {judgement.excess:.3g}x), "
-            f"but chaotic drift changes the result: {shown}"
+            f"but chaotic drift changes the result: {described}"
         )
     return judgement
 
