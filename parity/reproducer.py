@@ -24,6 +24,7 @@ import numpy as np
 from parity import __version__, phases
 from parity.config import Configuration
 from parity.errors import ParityError
+from parity.io import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from parity.localize import Localization
@@ -83,9 +84,9 @@ def write_reproducer(
     )
     directory.mkdir(parents=True, exist_ok=True)
     data_path = directory / DATA_NAME
-    np.savez(data_path, **data)
+    atomic_write(data_path, lambda stream: np.savez(stream, **data))
     script_path = directory / SCRIPT_NAME
-    script_path.write_text(render_script(settings), encoding="utf-8")
+    atomic_write_text(script_path, render_script(settings))
     script_path.chmod(0o755)
     return script_path, data_path
 
