@@ -139,7 +139,9 @@ def write(
         "",
         f"## Lockstep overhead ({time.strftime('%Y-%m-%d')})",
         "",
-        f"Command: `python benchmarks/lockstep_overhead.py --scenario {args.scenario} --epochs {args.epochs} --write`",
+        f"Command: `python benchmarks/lockstep_overhead.py --scenario {args.scenario} --epochs {args.epochs}"
+        + (f" --configs {args.configs}" if args.configs else "")
+        + " --write`",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}.",
         "",
         "| configuration | plain fit (s) | recorded lockstep (s) | ratio (target <= 1.1) |",

@@ -177,7 +177,7 @@ def plan_runs(options: DoctorOptions) -> list[PlannedRun]:
     _validate_numbers(options)
     installed = installed_backends()
     not_run: list[tuple[str, str]] = []
-    if options.configs:
+    if options.configs is not None:
         candidates = parse_configs(options.configs)
     else:
         candidates, not_run = default_configs()

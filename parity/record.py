@@ -252,6 +252,11 @@ def _check_writable(url: str | os.PathLike[str]) -> None:
             "fsspec URL such as s3://bucket/run.parity to -o (Python: output=)."
         ) from error
     if isinstance(filesystem, fsspec.implementations.local.LocalFileSystem):
+        if os.path.isdir(path):
+            raise InputError(
+                f"Cannot write the trace {url}: it is a directory. Name a file, "
+                "such as -o run.parity (Python: output=)."
+            )
         directory = os.path.dirname(path) or "."
         if not os.path.isdir(directory):
             raise InputError(

@@ -122,9 +122,10 @@ def _load_npy(path: Path) -> np.ndarray:
     _check_readable(path)
     try:
         return np.load(path, allow_pickle=False)
-    except ValueError as error:
+    except (ValueError, EOFError) as error:
+        detail = "" if "pickle" in str(error) else f" ({str(error).rstrip('.')})"
         raise InputError(
-            f"Data file {str(path)!r} cannot be read as a numeric array: {error}. "
+            f"Data file {str(path)!r} cannot be read as a numeric .npy array{detail}. "
             "Save numeric arrays with numpy.save, not Python objects."
         ) from None
     except OSError as error:
@@ -140,9 +141,12 @@ def _read_npy_pair(x_path: Path, y_path: Path) -> Dataset:
 def _read_npz(path: Path, x_name: str, y_name: str) -> Dataset:
     try:
         archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, EOFError) as error:
+        # numpy reports a file that is no archive as "pickled data" and suggests
+        # loading it unsafely; that advice must not reach the user.
+        detail = "" if "pickle" in str(error) else f" ({str(error).rstrip('.')})"
         raise InputError(
-            f"Data file {str(path)!r} is not a readable .npz archive: {error}. "
+            f"Data file {str(path)!r} is not a readable .npz archive{detail}. "
             "Write it with numpy.savez(path, x=..., y=...)."
         ) from None
     with archive:
