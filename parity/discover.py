@@ -132,3 +132,29 @@ def default_configs() -> tuple[list[Configuration], list[tuple[str, str]]]:
                         Configuration(backend, kind, device_index, mode, "float32")
                     )
     return configs, not_run
+
+
+def absent_device_reason(config: Configuration) -> str | None:
+    """Return why a configuration's accelerator cannot exist here, or None.
+
+    Only what can be told without importing the backend is checked: the platform
+    and the NVIDIA driver. A present driver with a CPU-only build still fails in
+    the worker, with the framework's message.
+    """
+    if config.device == "cpu":
+        return None
+    apple_kinds = ("mps", "metal") + (
+        ("gpu",) if config.backend == "tensorflow" else ()
+    )
+    if apple_silicon():
+        for kind, reason in accelerator_kinds(config.backend):
+            if kind == config.device:
+                return reason
+        if config.device not in apple_kinds:
+            return f"{config.device} devices do not exist on macOS"
+        return None
+    if config.device in ("mps", "metal"):
+        return f"{config.device} needs macOS on Apple silicon"
+    if not nvidia_driver_present():
+        return "no NVIDIA driver found"
+    return None

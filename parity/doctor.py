@@ -16,7 +16,7 @@ from typing import Any
 
 from parity import __version__
 from parity.config import Configuration, default_referee, parse_config, parse_configs
-from parity.discover import default_configs
+from parity.discover import absent_device_reason, default_configs
 from parity.env import fingerprint, installed_backends
 from parity.errors import ConfigError, InputError
 from parity.faults import validate_fault_name
@@ -209,7 +209,7 @@ def plan_runs(options: DoctorOptions) -> list[PlannedRun]:
             name for name, target in faults if target is None or target == config
         )
         reason = (
-            None
+            absent_device_reason(config)
             if config.backend in installed
             else f"{config.backend} is not installed"
         )

@@ -16,6 +16,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 import parity
+from parity.discover import apple_silicon, nvidia_driver_present
+from parity.doctor import DoctorOptions, plan_doctor
 from parity.env import installed_backends
 from parity.runner import load_result_arrays
 from parity.scenarios import decision_grid, get_scenario
@@ -271,3 +273,16 @@ def test_missing_backend_is_not_run(tmp_path):
     assert "not installed" in entries["torch:cpu:eager:float32"]["reason"]
     assert entries["jax:cpu:jit:float32"]["verdict"] in ("consistent", "roundoff")
     assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+@pytest.mark.skipif(
+    nvidia_driver_present() or apple_silicon(), reason="has an accelerator"
+)
+def test_named_absent_device_is_not_run():
+    runs = plan_doctor(
+        DoctorOptions(configs=["jax:gpu:jit", "torch:mps", "jax:cpu:jit"])
+    )
+    reasons = {str(r.config): r.not_run_reason for r in runs if r.role == "candidate"}
+    assert reasons["jax:gpu:jit:float32"] == "no NVIDIA driver found"
+    assert "macOS" in reasons["torch:mps:eager:float32"]
+    assert reasons["jax:cpu:jit:float32"] is None
