@@ -91,7 +91,7 @@ def default_configs() -> tuple[list[Configuration], list[tuple[str, str]]]:
     """Return the configurations to run here and (name, reason) for those that cannot run.
 
     Every installed backend runs on the CPU in each of its modes; every accelerator
-    that a backend sees runs in its compiled mode and in eager mode.
+    visible to a backend runs in its compiled mode and in eager mode.
     """
     installed = installed_backends()
     configs: list[Configuration] = []
@@ -137,8 +137,8 @@ def default_configs() -> tuple[list[Configuration], list[tuple[str, str]]]:
 def absent_device_reason(config: Configuration) -> str | None:
     """Return why a configuration's accelerator cannot exist here, or None.
 
-    Only what can be told without importing the backend is checked: the platform
-    and the NVIDIA driver. A present driver with a CPU-only build still fails in
+    Only the platform and the NVIDIA driver are checked, without importing the
+    backend. A present driver with a CPU-only build still fails in
     the worker, with the framework's message.
     """
     if config.device == "cpu":
