@@ -455,6 +455,8 @@ def _run_fields(result: RunResult) -> dict[str, Any]:
         "error": result.error,
         "returncode": result.returncode,
         "stderr_tail": result.stderr_tail or None,
+        "first_nonfinite_layer": meta.get("first_nonfinite_layer"),
+        "first_nonfinite_phase": meta.get("first_nonfinite_phase"),
         "wall_seconds": round(result.wall_seconds, 3),
         "reused": result.reused,
         "peak_resident_mib": (

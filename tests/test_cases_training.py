@@ -141,6 +141,9 @@ def test_c6_names_first_nonfinite_layer(large_circles):
     assert meta["first_nonfinite_step"] == 0
     assert meta["first_nonfinite_layer"] == "squared_radius"
     assert meta["first_nonfinite_phase"] == "forward"
+    entry = _entries(large_circles)[TF_MIXED]
+    assert entry["first_nonfinite_layer"] == "squared_radius"
+    assert entry["first_nonfinite_phase"] == "forward"
 
 
 def test_c6_float32_has_no_nonfinite_layer(large_circles):
