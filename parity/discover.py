@@ -90,7 +90,7 @@ def probe_devices(backend: str) -> tuple[list[str], str | None]:
 def default_configs() -> tuple[list[Configuration], list[tuple[str, str]]]:
     """Return the configurations to run here and (name, reason) for those that cannot run.
 
-    Every installed backend runs on the CPU in each of its modes; every accelerator
+    Every installed backend runs on the CPU in each of its modes. Every accelerator
     visible to a backend runs in its compiled mode and in eager mode.
     """
     installed = installed_backends()

@@ -65,7 +65,7 @@ KERAS_ACTIVATIONS = frozenset(
 
 @dataclasses.dataclass
 class DoctorOptions:
-    """What the doctor runs; every field has a default that works on any machine."""
+    """Options of a doctor run. Every field has a default that works on any machine."""
 
     scenario: str = "circles"
     configs: Sequence[str] | str | None = None

@@ -105,7 +105,7 @@ class PlannedRun:
 
 @dataclasses.dataclass
 class RunResult:
-    """What one worker produced, or why it produced nothing."""
+    """The output of one worker, or the reason it produced none."""
 
     run: PlannedRun
     status: str  # ok, failed or not-run
