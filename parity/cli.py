@@ -53,6 +53,13 @@ def _add_doctor(commands: Any) -> None:
         "diagnose whether the model itself is nearly linear",
     )
     doctor.add_argument(
+        "--rerun-workaround",
+        action="store_true",
+        help="with --localize, also rerun each divergent configuration for all its "
+        "epochs with the workaround and give it the doctor's verdict (one more "
+        "worker each; an eager-mode workaround can take longer than the doctor run)",
+    )
+    doctor.add_argument(
         "--seeds",
         type=int,
         default=1,
@@ -65,6 +72,12 @@ def _add_doctor(commands: Any) -> None:
         help="run the doctor once per hidden activation (relu, sigmoid, tanh, elu) in "
         "OUT/ablation and say whether the difference follows the activation or the "
         "configuration",
+    )
+    doctor.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="train the referee and envelope runs even when an earlier run on this "
+        "machine stored them (in $PARITY_CACHE_DIR, default ~/.cache/parity/runs)",
     )
     _add_run_options(doctor)
 
@@ -99,7 +112,10 @@ def _add_run_options(parser: Any) -> None:
         "--json", dest="json_path", help="also write the results as JSON to this path"
     )
     parser.add_argument(
-        "--jobs", type=int, help="workers run at once (default: CPU count, at most 4)"
+        "--jobs",
+        type=int,
+        help="workers run at once, each with its share of the cores "
+        "(default: CPU count, at most 4)",
     )
     parser.add_argument(
         "--timeout",
@@ -163,7 +179,9 @@ def _doctor(args: argparse.Namespace) -> int:
         memory_limit=args.memory_limit,
         resume=args.resume,
         localize=args.localize,
+        rerun_workaround=args.rerun_workaround,
         seeds=args.seeds,
+        cache=not args.no_cache,
     )
     if args.ablate_activation:
         from parity.diagnose import ablate_doctor
@@ -220,41 +238,7 @@ def _add_run(commands: Any) -> None:
         help="a .keras file (loaded in safe mode), or module:function or "
         "path/to/file.py:function returning a Keras model, compiled or not",
     )
-    run.add_argument(
-        "--data",
-        required=True,
-        help="a .npz file (arrays x and y), a pair x.npy,y.npy, or a .csv or .parquet "
-        "table (with --target)",
-    )
-    run.add_argument(
-        "--x", dest="x_name", default="x", help="input array name in a .npz (default x)"
-    )
-    run.add_argument(
-        "--y", dest="y_name", default="y", help="label array name in a .npz (default y)"
-    )
-    run.add_argument(
-        "--target",
-        metavar="COLUMN",
-        help="label column of a .csv or .parquet table; the other columns are inputs",
-    )
-    run.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import MODULE before loading the model, so that the custom layers it "
-        "registers can be loaded; repeatable",
-    )
-    run.add_argument(
-        "--validation-split",
-        type=float,
-        default=0.0,
-        metavar="FRACTION",
-        help="fraction of rows held out of training, taken from the end as Keras' fit "
-        "does; predictions on them are compared (default 0: compare predictions on "
-        "the training data)",
-    )
+    _add_model_options(run, data_required=True)
     run.add_argument(
         "--epochs",
         type=int,
@@ -266,40 +250,6 @@ def _add_run(commands: Any) -> None:
         type=int,
         default=DEFAULT_BATCH_SIZE,
         help=f"batch size (default {DEFAULT_BATCH_SIZE})",
-    )
-    run.add_argument(
-        "--loss",
-        help="Keras loss name, such as binary_crossentropy (default: the compiled "
-        "model's loss; required for a model that is not compiled)",
-    )
-    run.add_argument(
-        "--from-logits",
-        action="store_true",
-        default=None,
-        help="the model outputs logits, not probabilities",
-    )
-    run.add_argument(
-        "--optimizer",
-        help="Keras optimizer name, such as adam or sgd (default: the compiled "
-        "model's optimizer, else adam)",
-    )
-    run.add_argument(
-        "--lr",
-        dest="learning_rate",
-        type=float,
-        help="learning rate (default: the compiled optimizer's, else the optimizer's "
-        "Keras default)",
-    )
-    run.add_argument(
-        "--metrics",
-        help="comma-separated Keras metric names (default: the compiled model's, "
-        "else accuracy for classifiers)",
-    )
-    run.add_argument(
-        "--allow-nonfinite",
-        action="store_true",
-        help="train even when the data contains NaN or inf (they are counted and "
-        "reported); without it such data is rejected",
     )
     run.add_argument(
         "--localize",
@@ -376,18 +326,29 @@ def _faults(args: argparse.Namespace) -> int:
 
 def _add_trace_commands(commands: Any) -> None:
     """Add ``record``, ``compare`` and ``replay``: runs recorded on one machine."""
+    from parity.api import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS
+    from parity.record_model import MAX_STORED_DATA_BYTES
+
     record = commands.add_parser(
         "record",
         help="train one configuration in lockstep and write its trace file",
-        description="Train a scenario in lockstep on one configuration and write "
-        "the run (settings, environment, per-step records, checkpoints, "
-        "predictions) to a .parity trace, to compare on another machine.",
+        description="Train a scenario, or your own model on your data, in lockstep "
+        "on one configuration and write the run (settings, environment, per-step "
+        "records, checkpoints, predictions, and your data when it is at most "
+        f"{MAX_STORED_DATA_BYTES // 2**20} MiB) to a .parity trace, to compare on "
+        "another machine.",
+    )
+    record.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="your own model instead of a scenario: a .keras file (loaded in safe "
+        "mode) or module:function or path/to/file.py:function, with --data",
     )
     record.add_argument(
         "--scenario",
-        default="circles",
         help="circles (default), moons, blobs, digits, wide (a 1100-unit layer) or "
-        "large-circles (features of about 1e3)",
+        "large-circles (features of about 1e3); not with MODEL",
     )
     record.add_argument(
         "--config",
@@ -401,10 +362,15 @@ def _add_trace_commands(commands: Any) -> None:
         help="trace file to write: a path or an fsspec URL such as s3://bucket/laptop.parity",
     )
     record.add_argument(
-        "--epochs", type=int, help="epochs to train (default: the scenario's)"
+        "--epochs",
+        type=int,
+        help=f"epochs to train (default: the scenario's, or {DEFAULT_EPOCHS} for "
+        "MODEL)",
     )
     record.add_argument(
-        "--batch-size", type=int, help="batch size (default: the scenario's)"
+        "--batch-size",
+        type=int,
+        help=f"batch size (default: the scenario's, or {DEFAULT_BATCH_SIZE} for MODEL)",
     )
     record.add_argument(
         "--seed",
@@ -414,8 +380,8 @@ def _add_trace_commands(commands: Any) -> None:
     )
     record.add_argument(
         "--activation",
-        default="relu",
-        help="hidden-layer activation of the scenario's model",
+        help="hidden-layer activation of the scenario's model (default relu); not "
+        "with MODEL",
     )
     record.add_argument(
         "--fault",
@@ -428,8 +394,9 @@ def _add_trace_commands(commands: Any) -> None:
         "--with-referee",
         action="store_true",
         help="also record the float64 referee and the envelope runs, so that compare "
-        "needs no training",
+        "needs no training (for MODEL, compare trains no referee without them)",
     )
+    _add_model_options(record)
     _add_trace_run_options(record)
 
     compare = commands.add_parser(
@@ -447,12 +414,35 @@ def _add_trace_commands(commands: Any) -> None:
 
     replay = commands.add_parser(
         "replay",
-        help="rerun a recorded run here from its own seed and judge it",
+        help="rerun a recorded run here from its initial weights and judge it",
         description="Rerun a recorded run on configurations of this machine from the "
-        "recorded seed, check that the initial weights, batches and data match the "
-        "trace, and judge the recorded and replayed runs together.",
+        "trace's initial weights and batch schedule, check that the initial weights, "
+        "batches and data match the trace, and judge the recorded and replayed runs "
+        "together. A trace of your own model needs the model again (MODEL); parity "
+        "never runs code named by a trace.",
     )
     replay.add_argument("trace", metavar="TRACE", help="the trace file or URL")
+    replay.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="for a trace of your own model: the recorded .keras file or factory, "
+        "whose digest must match the trace",
+    )
+    replay.add_argument(
+        "--data",
+        help="for a trace of your own model: the recorded data, whose digest must "
+        "match the trace (default: the data stored in the trace)",
+    )
+    replay.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE before loading the model, for its custom layers; "
+        "repeatable",
+    )
     replay.add_argument(
         "--configs",
         help="comma-separated configurations to run here (default: the recorded ones)",
@@ -472,6 +462,79 @@ def _add_trace_commands(commands: Any) -> None:
     )
     _add_trace_report_options(replay)
     _add_trace_run_options(replay)
+
+
+def _add_model_options(parser: Any, data_required: bool = False) -> None:
+    """Add the data and training options of a user's model (``run``, ``record MODEL``)."""
+    parser.add_argument(
+        "--data",
+        required=data_required,
+        help="a .npz file (arrays x and y), a pair x.npy,y.npy, or a .csv or .parquet "
+        "table (with --target)" + ("" if data_required else "; only with MODEL"),
+    )
+    parser.add_argument(
+        "--x", dest="x_name", default="x", help="input array name in a .npz (default x)"
+    )
+    parser.add_argument(
+        "--y", dest="y_name", default="y", help="label array name in a .npz (default y)"
+    )
+    parser.add_argument(
+        "--target",
+        metavar="COLUMN",
+        help="label column of a .csv or .parquet table; the other columns are inputs",
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE before loading the model, so that the custom layers it "
+        "registers can be loaded; repeatable",
+    )
+    parser.add_argument(
+        "--validation-split",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="fraction of rows held out of training, taken from the end as Keras' fit "
+        "does; predictions on them are compared (default 0: compare predictions on "
+        "the training data)",
+    )
+    parser.add_argument(
+        "--loss",
+        help="Keras loss name, such as binary_crossentropy (default: the compiled "
+        "model's loss; required for a model that is not compiled)",
+    )
+    parser.add_argument(
+        "--from-logits",
+        action="store_true",
+        default=None,
+        help="the model outputs logits, not probabilities",
+    )
+    parser.add_argument(
+        "--optimizer",
+        help="Keras optimizer name, such as adam or sgd (default: the compiled "
+        "model's optimizer, else adam)",
+    )
+    parser.add_argument(
+        "--lr",
+        dest="learning_rate",
+        type=float,
+        help="learning rate (default: the compiled optimizer's, else the optimizer's "
+        "Keras default)",
+    )
+    parser.add_argument(
+        "--metrics",
+        help="comma-separated Keras metric names (default: the compiled model's, "
+        "else accuracy for classifiers)",
+    )
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="train even when the data contains NaN or inf (they are counted and "
+        "reported); without it such data is rejected",
+    )
 
 
 def _add_trace_report_options(parser: Any) -> None:
@@ -495,7 +558,10 @@ def _add_trace_run_options(parser: Any) -> None:
         "(default tensorflow:cpu:graph:float64)",
     )
     parser.add_argument(
-        "--jobs", type=int, help="workers run at once (default: CPU count, at most 4)"
+        "--jobs",
+        type=int,
+        help="workers run at once, each with its share of the cores "
+        "(default: CPU count, at most 4)",
     )
     parser.add_argument(
         "--timeout", type=float, help="seconds per worker before it is stopped"
@@ -519,6 +585,19 @@ def _record(args: argparse.Namespace) -> int:
         activation=args.activation,
         jobs=args.jobs,
         timeout=args.timeout,
+        model=args.model,
+        data=args.data,
+        x_name=args.x_name,
+        y_name=args.y_name,
+        target=args.target,
+        imports=args.imports,
+        validation_split=args.validation_split,
+        loss=args.loss,
+        from_logits=args.from_logits,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        metrics=args.metrics,
+        allow_nonfinite=args.allow_nonfinite,
     )
     with Progress(enabled=not args.quiet) as progress:
         result = record_run(options, progress=progress.update)
@@ -560,6 +639,9 @@ def _replay(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         report=not args.no_report,
         localize=args.localize,
+        model=args.model,
+        data=args.data,
+        imports=args.imports,
     )
     with Progress(enabled=not args.quiet) as progress:
         result = replay_trace(options, progress=progress.update)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from parity import __version__
+from parity.cache import default_cache_dir
 from parity.config import Configuration, default_referee, parse_config, parse_configs
 from parity.discover import absent_device_reason, default_configs
 from parity.env import fingerprint, installed_backends
@@ -82,8 +83,14 @@ class DoctorOptions:
     report: bool = True
     memory_limit: int | str | None = None  # bytes, or a size such as "4GiB"
     resume: bool = False
+    # Reuse the referee and envelope runs of an earlier run on this machine
+    # (parity.cache); user models are never cached.
+    cache: bool = True
     # Localize divergent configurations and diagnose the model (parity.localize).
     localize: bool = False
+    # With localize, also rerun each divergent configuration in full with its
+    # workaround and judge it like the doctor's runs (one more worker each).
+    rerun_workaround: bool = False
     seeds: int = 1  # more than 1 adds outcome-level comparisons over seeds
 
 
@@ -348,6 +355,8 @@ def run_planned(
         if options.memory_limit is None
         else parse_memory_limit(options.memory_limit)
     )
+    # A user model's key names its file but not the modules that file imports.
+    cache_dir = default_cache_dir() if options.cache and "model" not in common else None
     interruption = None
     try:
         results = execute(
@@ -359,6 +368,7 @@ def run_planned(
             memory_limit=memory_limit,
             resume=options.resume,
             progress=progress,
+            cache_dir=cache_dir,
         )
     except Interrupted as error:
         interruption, results = error, error.results
@@ -459,6 +469,7 @@ def _run_fields(result: RunResult) -> dict[str, Any]:
         "first_nonfinite_phase": meta.get("first_nonfinite_phase"),
         "wall_seconds": round(result.wall_seconds, 3),
         "reused": result.reused,
+        "cached": result.cached,
         "peak_resident_mib": (
             None
             if result.peak_resident_bytes is None

@@ -796,8 +796,8 @@ def run(spec: dict[str, Any]) -> None:
     """
     config = parse_config(spec["config"])
     started = time.perf_counter()
-    set_environment(config)
-    keras = configure_backend(config)
+    set_environment(config, spec.get("threads"))
+    keras = configure_backend(config, spec.get("threads"))
     imported = time.perf_counter()
     timing = {"import": imported - started}
     with keras.device(keras_device_name(config)):

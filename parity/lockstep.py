@@ -111,6 +111,18 @@ class Sketch:
             return flat.copy()
         return np.bincount(self.buckets, weights=self.signs * flat, minlength=self.size)
 
+    def many(self, flat: np.ndarray) -> np.ndarray:
+        """Sketch each row of a (rows, num_params) array; equal to calling row by row."""
+        flat = np.asarray(flat, np.float64)
+        if self.buckets is None:
+            return flat.copy()
+        rows = flat.shape[0]
+        index = (np.arange(rows)[:, None] * self.size + self.buckets).ravel()
+        sums = np.bincount(
+            index, weights=(self.signs * flat).ravel(), minlength=rows * self.size
+        )
+        return sums.reshape(rows, self.size)
+
 
 def relative_distance(candidate: np.ndarray, referee: np.ndarray) -> np.ndarray:
     """Return ``|c - t| / |t|`` row by row, in the L2 norm, for (steps, k) arrays."""

@@ -3,10 +3,10 @@
 `--resume` serves a run from an earlier result only when the stored key equals
 the key of the run about to start. The key covers the worker spec: scenario,
 data digest, configuration, role, faults, epochs, batch size, seed, activation,
-learning rate and envelope perturbation. It also covers parity's version and the
-source of the modules a worker imports, the versions of the numerical packages,
-the environment variables that change numerics, and the content of user fault
-files. Options that cannot change a result (the timeout, the memory limit, the
+learning rate, envelope perturbation and worker thread count. It also covers
+parity's version and the source of the modules a worker imports, the versions of
+the numerical packages, the environment variables that change numerics, the
+machine (CPU model and platform), and the content of user fault files. Options that cannot change a result (the timeout, the memory limit, the
 output directory) are left out, so changing them does not force a rerun.
 """
 
@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import sys
 import uuid
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from parity import __version__
-from parity.env import NUMERIC_FLAGS, PACKAGES, PLUGINS, package_version
+from parity.env import NUMERIC_FLAGS, PACKAGES, PLUGINS, cpu_model, package_version
 from parity.faults import CATALOGUE
 
 log = logging.getLogger("parity")
@@ -49,8 +50,15 @@ def key_inputs(spec: Mapping[str, Any]) -> dict[str, Any]:
         "parity": {"version": __version__, "source": parity_source_digest()},
         "packages": {name: package_version(name) for name in PACKAGES + PLUGINS},
         "environment": {name: os.environ.get(name) for name in NUMERIC_FLAGS},
+        "machine": machine_identity(),
         "faults": {name: fault_digest(name) for name in spec.get("faults", [])},
     }
+
+
+@functools.cache
+def machine_identity() -> dict[str, str]:
+    """Return the CPU model and platform, which results stored per machine depend on."""
+    return {"cpu": cpu_model(), "platform": platform.platform()}
 
 
 def key_of(inputs: Mapping[str, Any]) -> str:

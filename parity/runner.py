@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from parity import cache
+from parity.cache import CACHED_ROLES
 from parity.config import Configuration
 from parity.errors import InputError
 from parity.io import atomic_write_json
@@ -115,7 +117,8 @@ class RunResult:
     stderr_tail: str = ""
     returncode: int | None = None
     wall_seconds: float = 0.0
-    reused: bool = False  # served by --resume from an earlier run
+    reused: bool = False  # served by --resume or the run store from an earlier run
+    cached: bool = False  # served from the run store (parity.cache)
     peak_resident_bytes: int | None = None
 
     @property
@@ -257,6 +260,51 @@ def prepare_output_directory(
         ) from None
 
 
+# Rough time per training step of each backend and mode relative to TensorFlow's
+# graph mode, measured on circles on a 2-core x86_64 CPU (TensorFlow 2.21, JAX 0.10,
+# PyTorch 2.13, Keras 3.15). JAX jit and PyTorch eager take about as long, and XLA
+# up to twice as long with its recompilations. TensorFlow and JAX eager take seven
+# to ten times as long. Only the order matters, because workers start slowest first.
+RELATIVE_STEP_COST = {
+    ("jax", "jit"): 0.8,
+    ("tensorflow", "graph"): 1.0,
+    ("torch", "eager"): 1.0,
+    ("torch", "compile"): 1.5,
+    ("tensorflow", "xla"): 2.0,
+    ("tensorflow", "eager"): 7.0,
+    ("jax", "eager"): 10.0,
+}
+
+
+def relative_cost(config: Configuration) -> float:
+    """Return the rough cost of a configuration's training step (see RELATIVE_STEP_COST)."""
+    cost = RELATIVE_STEP_COST.get((config.backend, config.mode), 1.0)
+    return cost if config.device == "cpu" else cost / 2
+
+
+def available_cores() -> int:
+    """Return the number of CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_threads(jobs: int, runs: int) -> int | None:
+    """Return the thread count each of several parallel workers gets, or None.
+
+    Workers that run side by side share the cores: each gets its share, so that
+    their thread pools do not oversubscribe the machine. On two cores, PyTorch's
+    default pool next to one other worker trained circles five times slower than
+    alone. A single worker keeps the backend's default. A configuration's own
+    ``threads=`` flag always wins.
+    """
+    parallel = min(max(1, jobs), runs)
+    if parallel <= 1:
+        return None
+    return max(1, available_cores() // parallel)
+
+
 def execute(
     runs: list[PlannedRun],
     work_dir: Path,
@@ -267,35 +315,48 @@ def execute(
     memory_limit: int | None = None,
     resume: bool = False,
     progress: ProgressCallback | None = None,
+    cache_dir: Path | None = None,
 ) -> list[RunResult]:
     """Run every planned run that can run, ``jobs`` at a time, and return all results.
 
     ``common_spec`` goes to every worker and into every run's resume key, so it
-    should identify the data (by digest) as well as the training options. With
+    should identify the data (by digest) as well as the training options. When
+    workers run in parallel, each spec also gets the thread count of
+    `worker_threads`, unless the run's configuration names one. With
     ``resume``, a run whose directory contains a finished result with the same
     key is not run again. ``memory_limit`` is in bytes of resident memory per
     worker, None for no limit. ``progress(run, step, total, status)`` is called
     as workers advance. Its status is None while a run is going, and the final
-    status when it ends.
+    status when it ends. With ``cache_dir``, referee and envelope runs are served
+    from that store of earlier results when their key is there, and stored there
+    when they finish (`parity.cache`).
 
     Raises `Interrupted`, after every worker has stopped, when SIGINT, SIGTERM or
     SIGHUP arrives.
     """
     executor = _Executor(jobs, timeout, memory_limit, progress)
+    threads = worker_threads(jobs, sum(run.not_run_reason is None for run in runs))
     for run in runs:
         if run.not_run_reason is not None:
             executor.results[run.key] = RunResult(
                 run, "not-run", error=run.not_run_reason
             )
             continue
-        spec, inputs = _make_spec(run, work_dir / run.key, common_spec)
+        common = common_spec
+        if threads is not None and run.config.threads is None:
+            common = {**common_spec, "threads": threads}
+        spec, inputs = _make_spec(run, work_dir / run.key, common)
         reused = (
             find_reusable(run, work_dir / run.key, spec, inputs) if resume else None
         )
+        if reused is None and cache_dir is not None and run.role in CACHED_ROLES:
+            reused = _from_cache(run, work_dir, spec, cache_dir)
         if reused is not None:
             executor.finish(run, reused)
         else:
             executor.pending.append((run, spec, inputs))
+    # Longest first: the slowest worker then starts at once instead of last.
+    executor.pending.sort(key=lambda item: -relative_cost(item[0].config))
 
     log.info(
         "running %d workers, %d at a time; timeout %g s, memory limit %s",
@@ -312,6 +373,12 @@ def execute(
             stop.request(signal.SIGINT)
         finally:
             _stop_all(executor.active)
+    if cache_dir is not None:
+        for result in executor.results.values():
+            if result.ok and not result.reused and result.run.role in CACHED_ROLES:
+                cache.store(
+                    cache_dir, result.meta["resume_key"], work_dir / result.run.key
+                )
     if stop.received is None:
         return [
             executor.results[run.key] for run in runs if run.key in executor.results
@@ -520,6 +587,25 @@ def find_reusable(
     return RunResult(
         run, "ok", meta, arrays, returncode=0, wall_seconds=wall, reused=True
     )
+
+
+def _from_cache(
+    run: PlannedRun, work_dir: Path, spec: dict[str, Any], cache_dir: Path
+) -> RunResult | None:
+    """Copy a stored run with the spec's key into the run directory and reuse it."""
+    directory = work_dir / run.key
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if not cache.fetch(cache_dir, spec["resume_key"], directory):
+        return None
+    reused = find_reusable(run, directory, spec)
+    if reused is None:
+        log.info("the stored run of %s is unusable; running it", run.label)
+        return None
+    log.info("%s: reusing the stored run from %s", run.label, cache_dir)
+    return dataclasses.replace(reused, cached=True)
 
 
 def _start(

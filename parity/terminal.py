@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -72,14 +73,30 @@ def _number(value: Any, pattern: str = "{:.3g}") -> str:
     return pattern.format(value) if isinstance(value, float) else str(value)
 
 
+# Width of tables written to a file or a pipe, where Rich would otherwise assume
+# 80 columns and fold configuration strings over several lines.
+PIPE_WIDTH = 120
+
+
+def output_console() -> Console:
+    """Return a console for stdout: the terminal's width, or PIPE_WIDTH when piped."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=PIPE_WIDTH)
+    return console
+
+
 def print_summary(result: DoctorResult, console: Console | None = None) -> None:
     """Print the verdict table and the paths of the report and the JSON."""
-    console = console or Console()
+    console = console or output_console()
     summary = result.summary
     referee = summary["referee"] or {}
+    status = referee.get("status")
+    if referee.get("cached"):
+        status = f"{status}, stored by an earlier run"
     table = Table(
         title=f"parity: {summary['scenario']['name']}, "
-        f"referee {referee.get('config')} ({referee.get('status')})"
+        f"referee {referee.get('config')} ({status})"
     )
     columns = ("configuration", "verdict", "excess", "first div. step")
     columns += ("final acc.", "boundary disagr.")
@@ -92,7 +109,9 @@ def print_summary(result: DoctorResult, console: Console | None = None) -> None:
         table.add_row(
             entry["config"] + faults,
             f"[{VERDICT_STYLES.get(verdict, '')}]{verdict}",
-            _number(entry["excess"]),
+            "non-finite"
+            if entry.get("first_nonfinite_step") is not None
+            else _number(entry["excess"]),
             _number(entry["first_divergent_step"]),
             _number(entry["final_accuracy"], "{:.3f}"),
             "-" if disagreement is None else f"{100 * disagreement:.2f}%",
@@ -114,7 +133,7 @@ def print_summary(result: DoctorResult, console: Console | None = None) -> None:
 
 def print_faults(catalogue: dict[str, Fault], console: Console | None = None) -> None:
     """Print the catalogue of emulated faults."""
-    console = console or Console()
+    console = console or output_console()
     table = Table(title="emulated faults (use with --fault NAME or NAME@CONFIG)")
     table.add_column("name", no_wrap=True)
     table.add_column("what it does")

@@ -165,7 +165,9 @@ def judge(
     judgement = Judgement(
         "roundoff",
         "",
-        excess=float(np.max(excess[finite])) if finite.any() else None,
+        # A run that went non-finite has no meaningful largest excess: the finite
+        # steps before it would understate it.
+        excess=float(np.max(excess)) if finite.all() else None,
         max_distance=float(np.max(distance[finite])) if finite.any() else None,
         boundary_disagreement=fraction,
         disagreement_on=where,
@@ -182,20 +184,27 @@ def judge(
         return judgement
     above = np.flatnonzero(excess > DIVERGENT_EXCESS)
     described = _describe_disagreement(fraction, where)
+    largest = (
+        "not finite, as the referee's"
+        if judgement.excess is None
+        else f"{judgement.excess:.3g}x"
+    )
     if above.size:
         step = int(above[0])
         judgement.verdict = "divergent"
         judgement.first_divergent_step = step
         judgement.reason = (
             f"leaves the round-off envelope at step {step} (excess {excess[step]:.3g}x > "
-            f"{DIVERGENT_EXCESS:g}x; max {judgement.excess:.3g}x); {described}"
+            f"{DIVERGENT_EXCESS:g}x; max {largest}); {described}"
         )
     elif fraction is not None and fraction <= CONSISTENT_MAX_DISAGREEMENT:
         judgement.verdict = "consistent"
-        judgement.reason = f"within the round-off envelope (max excess {judgement.excess:.3g}x); {described}"
+        judgement.reason = (
+            f"within the round-off envelope (max excess {largest}); {described}"
+        )
     else:
         judgement.reason = (
-            f"within the round-off envelope (max excess {judgement.excess:.3g}x), "
+            f"within the round-off envelope (max excess {largest}), "
             f"but chaotic drift changes the result: {described}"
         )
     return judgement

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from parity import faults as fault_catalogue
-from parity import lockstep
+from parity import lockstep, stepping
 from parity.config import Configuration, parse_config
 from parity.env import backend_details, fingerprint
 from parity.io import atomic_write_json, atomic_write_tensors
@@ -40,8 +40,12 @@ RESULT_FORMAT = 1
 PROGRESS_UPDATES = 100
 
 
-def set_environment(config: Configuration) -> None:
-    """Set the variables that the backend reads when it is imported."""
+def set_environment(config: Configuration, threads: int | None = None) -> None:
+    """Set the variables that the backend reads when it is imported.
+
+    ``threads`` is the intra-op thread count to use when the configuration names
+    none; None leaves the backend's default.
+    """
     os.environ["KERAS_BACKEND"] = config.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if config.device == "cpu":
@@ -54,7 +58,7 @@ def set_environment(config: Configuration) -> None:
         os.environ["JAX_ENABLE_X64"] = "1"
     if config.onednn is not None:
         os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if config.onednn else "0"
-    threads = config.threads
+    threads = config.threads or threads
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         if config.backend == "jax":
@@ -66,23 +70,27 @@ def set_environment(config: Configuration) -> None:
             ).strip()
 
 
-def configure_backend(config: Configuration) -> Any:
-    """Import Keras for the configuration and set threads, devices and dtype policy."""
+def configure_backend(config: Configuration, threads: int | None = None) -> Any:
+    """Import Keras for the configuration and set threads, devices and dtype policy.
+
+    ``threads`` is as in `set_environment`.
+    """
     import keras
 
+    threads = config.threads or threads
     if config.backend == "tensorflow":
         import tensorflow as tf
 
         if config.device == "cpu":
             tf.config.set_visible_devices([], "GPU")
-        if config.threads is not None:
-            tf.config.threading.set_intra_op_parallelism_threads(config.threads)
-            tf.config.threading.set_inter_op_parallelism_threads(config.threads)
+        if threads is not None:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
     elif config.backend == "torch":
         import torch
 
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
     if config.precision == "float64":
         keras.config.set_floatx("float64")
     keras.config.set_dtype_policy(config.precision)
@@ -104,11 +112,31 @@ def keras_device_name(config: Configuration) -> str:
 
 
 def compile_model(
-    keras: Any, model: Any, scenario: Scenario, config: Configuration, lr: float
+    keras: Any,
+    model: Any,
+    scenario: Scenario,
+    config: Configuration,
+    lr: float,
+    optimizer: str | None = None,
 ) -> None:
-    """Compile with the scenario's loss and Adam, in the configuration's execution mode."""
+    """Compile with the scenario's loss and Adam, in the configuration's execution mode.
+
+    ``optimizer`` set to `parity.workarounds.REFERENCE_ADAM` swaps Keras' Adam
+    for the reference Adam written in plain Keras ops; None keeps Keras' Adam.
+    """
+    from parity.workarounds import REFERENCE_ADAM, reference_adam
+
+    if optimizer is None:
+        adam = keras.optimizers.Adam(learning_rate=lr)
+    elif optimizer == REFERENCE_ADAM:
+        adam = reference_adam(keras, learning_rate=lr)
+    else:
+        raise ValueError(
+            f"invalid optimizer option {optimizer!r} in the worker spec: "
+            f"use {REFERENCE_ADAM!r} or leave it out"
+        )
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=lr),
+        optimizer=adam,
         loss=scenario.loss,
         metrics=["accuracy"],
         run_eagerly=config.mode == "eager",
@@ -142,7 +170,9 @@ def scenario_experiment(spec: dict[str, Any], config: Configuration) -> Experime
 
     def compile(keras: Any, model: Any) -> None:
         learning_rate = spec.get("learning_rate", scenario.learning_rate)
-        compile_model(keras, model, scenario, config, learning_rate)
+        compile_model(
+            keras, model, scenario, config, learning_rate, spec.get("optimizer")
+        )
 
     return Experiment(
         scenario.name, x32, y, x32, y, scenario.task, False, build, compile
@@ -169,12 +199,28 @@ class Recorder:
     def record_parameters(self, step: int) -> list[np.ndarray]:
         """Store norms and the sketch of the parameters after ``step`` updates."""
         values = self.parameters()
-        flat = np.concatenate([value.astype(np.float64).ravel() for value in values])
-        self.norms[step] = [
-            np.linalg.norm(value.astype(np.float64)) for value in values
-        ]
-        self.digest[step] = self.sketch(flat)
+        self.record_many(step, [values])
         return values
+
+    def record_many(self, first: int, snapshots: list[list[np.ndarray]]) -> None:
+        """Store norms and sketches of consecutive snapshots, the first after ``first`` updates."""
+        if not snapshots:
+            return
+        flat = np.stack(
+            [
+                np.concatenate([np.ravel(value) for value in values]).astype(np.float64)
+                for values in snapshots
+            ]
+        )
+        sizes = [int(np.size(value)) for value in snapshots[0]]
+        offsets = np.cumsum([0, *sizes[:-1]])
+        rows = slice(first, first + len(snapshots))
+        if flat.shape[1]:
+            squares = np.add.reduceat(flat * flat, offsets, axis=1)
+            # reduceat returns the element at an offset for an empty variable.
+            squares[:, np.array(sizes) == 0] = 0.0
+            self.norms[rows] = np.sqrt(squares)
+        self.digest[rows] = self.sketch.many(flat)
 
 
 def optimizer_values(model: Any) -> list[np.ndarray]:
@@ -281,13 +327,70 @@ def load_experiment(spec: dict[str, Any], config: Configuration) -> Experiment:
     return user_experiment(spec, config)
 
 
+def read_start_file(path: str | None) -> dict[str, np.ndarray]:
+    """Read the spec's ``start_file``: the tensors a run starts from, if it names one.
+
+    The file is safetensors, with the initial weights as ``param/0``, ``param/1``,
+    ... in the model's variable order and the batch schedule as ``schedule``.
+    Either part may be missing, and the worker then makes that part from the seed
+    (or takes a ``.keras`` file's stored weights). Replay writes it from a trace.
+    """
+    if path is None:
+        return {}
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def start_schedule(schedule: np.ndarray, samples: int, epochs: int) -> np.ndarray:
+    """Return the start file's batch schedule after checking it against the data."""
+    if schedule.shape != (epochs, samples) or schedule.dtype.kind not in "iu":
+        raise ValueError(
+            f"The start file's schedule is {schedule.dtype} {list(schedule.shape)}, "
+            f"but {epochs} epochs of {samples} samples need integers of shape "
+            f"[{epochs}, {samples}]."
+        )
+    expected = np.arange(samples)
+    for epoch, order in enumerate(schedule):
+        if not np.array_equal(np.sort(order), expected):
+            raise ValueError(
+                f"Row {epoch} of the start file's schedule is not a permutation of "
+                f"the {samples} samples."
+            )
+    return schedule.astype(np.int64)
+
+
+def start_weights(
+    start: dict[str, np.ndarray], names: list[str], shapes: list[tuple[int, ...]]
+) -> list[np.ndarray]:
+    """Return the start file's initial weights as float32, checked against the model."""
+    count = sum(name.startswith("param/") for name in start)
+    if count != len(shapes):
+        raise ValueError(
+            f"The start file has {count} initial weights, but the model has "
+            f"{len(shapes)} variables."
+        )
+    values = []
+    for i, (name, shape) in enumerate(zip(names, shapes, strict=True)):
+        value = start.get(f"param/{i}")
+        if value is None or tuple(value.shape) != tuple(shape):
+            found = "missing" if value is None else list(value.shape)
+            raise ValueError(
+                f"Initial weight param/{i} of the start file is {found}, but the "
+                f"model's variable {name} has shape {list(shape)}."
+            )
+        values.append(np.asarray(value, np.float32))
+    return values
+
+
 def run(spec: dict[str, Any], failure: FailureContext | None = None) -> None:
     """Train one configuration as the spec says and write its result files."""
     out_dir = Path(spec["out_dir"])
     config = parse_config(spec["config"])
     started = time.perf_counter()
-    set_environment(config)
-    keras = configure_backend(config)
+    threads = spec.get("threads")
+    set_environment(config, threads)
+    keras = configure_backend(config, threads)
     imported = time.perf_counter()
 
     for fault in spec.get("faults", []):
@@ -299,7 +402,11 @@ def run(spec: dict[str, Any], failure: FailureContext | None = None) -> None:
     x = x32.astype(dtype)
     epochs, batch_size = int(spec["epochs"]), int(spec["batch_size"])
     seed = int(spec.get("seed", 0))
-    schedule = lockstep.batch_schedule(len(x), epochs, seed)
+    start_tensors = read_start_file(spec.get("start_file"))
+    if "schedule" in start_tensors:
+        schedule = start_schedule(start_tensors["schedule"], len(x), epochs)
+    else:
+        schedule = lockstep.batch_schedule(len(x), epochs, seed)
     per_epoch = lockstep.steps_per_epoch(len(x), batch_size)
     total_steps = epochs * per_epoch
     checkpoint_every = int(spec.get("checkpoint_every") or per_epoch)
@@ -312,7 +419,9 @@ def run(spec: dict[str, Any], failure: FailureContext | None = None) -> None:
         experiment.compile(keras, model)
         names = [variable.path for variable in model.weights]
         shapes = [tuple(variable.shape) for variable in model.weights]
-        if stored is None:
+        if any(name.startswith("param/") for name in start_tensors):
+            init = start_weights(start_tensors, names, shapes)
+        elif stored is None:
             init = lockstep.initial_weights(names, shapes, seed)
         else:
             init = stored
@@ -330,43 +439,67 @@ def run(spec: dict[str, Any], failure: FailureContext | None = None) -> None:
         tensors: dict[str, np.ndarray] = {}
         checkpoint_steps = []
 
+        stepper = stepping.make_stepper(model, config.backend, config.mode)
+
         def checkpoint(step: int, values: list[np.ndarray]) -> None:
             checkpoint_steps.append(step)
             for i, value in enumerate(values):
                 tensors[f"checkpoint/{step}/param/{i}"] = value
-            for i, value in enumerate(optimizer_values(model)):
+            for i, value in enumerate(stepper.optimizer_values()):
                 tensors[f"checkpoint/{step}/optimizer/{i}"] = value
 
         before = recorder.record_parameters(0)
         checkpoint(0, before)
         built = time.perf_counter()
         progress_every = max(1, total_steps // PROGRESS_UPDATES)
-        step = 0
+        batches = [
+            order[start : start + batch_size]
+            for order in schedule
+            for start in range(0, len(x), batch_size)
+        ]
+        longest = stepping.chunk_length(
+            sum(value.nbytes for value in before), checkpoint_every
+        )
         # (step, batch, parameters before it, after it) of the first step whose loss
         # or parameters are not finite.
         nonfinite: tuple[int, np.ndarray, list[np.ndarray], list[np.ndarray]] | None
         nonfinite = None
-        for epoch in range(epochs):
-            order = schedule[epoch]
-            for start in range(0, len(x), batch_size):
-                batch = order[start : start + batch_size]
-                logs = model.train_on_batch(x[batch], y[batch], return_dict=True)
-                recorder.loss[step] = float(logs["loss"])
-                recorder.accuracy[step] = float(logs.get("accuracy", np.nan))
-                step += 1
-                values = recorder.record_parameters(step)
-                finite = np.isfinite(recorder.loss[step - 1]) and all(
-                    np.all(np.isfinite(value)) for value in values
+        step = 0
+        while step < total_steps:
+            # Chunks end at every checkpoint and progress update.
+            end = min(
+                total_steps,
+                (step // checkpoint_every + 1) * checkpoint_every,
+                (step // progress_every + 1) * progress_every,
+                step + longest,
+            )
+            chunk = stepper.run([(x[b], y[b]) for b in batches[step:end]])
+            recorder.loss[step:end] = chunk.loss
+            recorder.accuracy[step:end] = chunk.accuracy
+            recorder.record_many(step + 1, chunk.weights)
+            if nonfinite is None:
+                # Norms are sums of squares in float64, finite for any finite float32.
+                finite = np.isfinite(chunk.loss) & np.all(
+                    np.isfinite(recorder.norms[step + 1 : end + 1]), axis=1
                 )
-                if nonfinite is None and not finite:
-                    nonfinite = (step - 1, batch, before, values)
-                before = values
-                if step % checkpoint_every == 0 or step == total_steps:
-                    checkpoint(step, values)
-                if step % progress_every == 0:
-                    atomic_write_json(
-                        out_dir / PROGRESS_FILE, {"step": step, "total": total_steps}
+                if not finite.all():
+                    k = int(np.argmin(finite))
+                    previous = chunk.weights[k - 1] if k else before
+                    nonfinite = (
+                        step + k,
+                        batches[step + k],
+                        previous,
+                        chunk.weights[k],
                     )
+            before = chunk.weights[-1]
+            step = end
+            if step % checkpoint_every == 0 or step == total_steps:
+                checkpoint(step, before)
+            if step % progress_every == 0 or step == total_steps:
+                atomic_write_json(
+                    out_dir / PROGRESS_FILE, {"step": step, "total": total_steps}
+                )
+        stepper.finish()
         trained = time.perf_counter()
 
         located: dict[str, Any] = {"step": None, "layer": None, "phase": None}
