@@ -6,13 +6,15 @@ For each epoch count, one at a time:
 TensorFlow's graph mode and the given configurations. The run records how long
 its localization took (``localization_seconds`` in the JSON): the referee's and
 the candidate's localization workers, the setting search, the workaround's
-segment, the reproducer and the model diagnosis.
+segment, the reproducer and the model diagnosis, and with --rerun-workaround the
+full rerun of the configuration with the workaround.
 
 It prints the ratio (whole run) / (run without the localization), target at most
-1.25 for circles, and the time of each localization worker. With --write it replaces the
-"Localization" section of docs/benchmarks.md.
+1.25 for circles, the part of the localization that the full rerun took, and the
+time of each localization worker. With --write it replaces the "Localization"
+section of docs/benchmarks.md.
 
-Usage: python benchmarks/localize_overhead.py [--epochs 2,10] [--configs A,B] [--jobs N] [--write]
+Usage: python benchmarks/localize_overhead.py [--epochs 2,10] [--configs A,B] [--jobs N] [--rerun-workaround] [--write]
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ SECTION = "## Localization"
 ABLATION = "### Activation ablation"
 
 
-def measure(epochs: int, configs: list[str], jobs: int, work: Path) -> dict:
+def measure(
+    epochs: int, configs: list[str], jobs: int, work: Path, rerun_workaround: bool
+) -> dict:
     """Run `parity doctor --localize`; return its time, the localization's share, the outcome."""
     options = DoctorOptions(
         scenario="circles",
@@ -46,6 +50,7 @@ def measure(epochs: int, configs: list[str], jobs: int, work: Path) -> dict:
         out=work / f"epochs-{epochs}",
         jobs=jobs,
         localize=True,
+        rerun_workaround=rerun_workaround,
     )
     started = time.perf_counter()
     doctor = run_doctor(options)
@@ -54,6 +59,8 @@ def measure(epochs: int, configs: list[str], jobs: int, work: Path) -> dict:
     doctor_seconds = total - localize_seconds
 
     found = next(iter(doctor.localizations.values()))
+    check = found.workaround
+    full = check.full if check is not None else None
     workers = {}
     for path in sorted((Path(options.out) / "localize").rglob("result.json")):
         timing = json.loads(path.read_text()).get("timing", {})
@@ -66,7 +73,12 @@ def measure(epochs: int, configs: list[str], jobs: int, work: Path) -> dict:
         "ratio": total / doctor_seconds,
         "summary": found.summary,
         "setting": found.setting.summary if found.setting else None,
-        "workaround": found.workaround.verdict if found.workaround else None,
+        "workaround": check.workaround.name if check else None,
+        "segment_verdict": check.segment.verdict if check else None,
+        "full_rerun_verdict": full.verdict if full else None,
+        "full_rerun_excess": full.excess if full else None,
+        # Wall seconds of the full rerun's worker, part of "localize".
+        "full_rerun": full.seconds if full else 0.0,
         "workers": workers,
     }
 
@@ -78,6 +90,12 @@ def main() -> None:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
     parser.add_argument("--jobs", type=int, default=1, help="workers run at once")
     parser.add_argument(
+        "--rerun-workaround",
+        action="store_true",
+        help="also rerun the configuration in full with its workaround, as "
+        "parity doctor --rerun-workaround does",
+    )
+    parser.add_argument(
         "--write", action="store_true", help="replace the section in docs/benchmarks.md"
     )
     args = parser.parse_args()
@@ -85,7 +103,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         for epochs in [int(e) for e in args.epochs.split(",")]:
-            row = measure(epochs, configs, args.jobs, Path(directory))
+            row = measure(
+                epochs, configs, args.jobs, Path(directory), args.rerun_workaround
+            )
             rows.append(row)
             print(json.dumps(row, indent=1), flush=True)
     if args.write:
@@ -98,7 +118,9 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         SECTION,
         "",
         "Command: `python benchmarks/localize_overhead.py "
-        f"--epochs {args.epochs} --configs {args.configs} --jobs {args.jobs} --write`, "
+        f"--epochs {args.epochs} --configs {args.configs} --jobs {args.jobs}"
+        + (" --rerun-workaround" if args.rerun_workaround else "")
+        + " --write`, "
         f"run on {datetime.date.today().isoformat()}.",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores (shared with other work while "
         f"measured), {platform.platform()}, Python {sys.version.split()[0]}.",
@@ -106,17 +128,30 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "`parity doctor` on circles with `--fault fused-dense-relu@"
         f"{FAULTY}` and configurations `{args.configs}`, then the localization that "
         "`--localize` adds (referee and candidate workers, setting search, workaround "
-        "segment, reproducer, model diagnosis), one run each:",
+        "segment, reproducer, model diagnosis, and with --rerun-workaround the full "
+        "rerun with the workaround), one run each. The full rerun's column is part "
+        "of the localization's:",
         "",
-        "| epochs | steps | doctor (s) | localization (s) | ratio (target at most 1.25) |",
-        "|---|---|---|---|---|",
+        "| epochs | steps | doctor (s) | localization (s) | of it, full rerun (s) "
+        "| full rerun verdict | ratio (target at most 1.25) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        excess = row["full_rerun_excess"]
+        verdict = row["full_rerun_verdict"] or "none"
+        if excess is not None:
+            verdict += f" (excess {excess:.3g})"
         lines.append(
             f"| {row['epochs']} | {row['steps']} | {row['doctor']:.1f} | "
-            f"{row['localize']:.1f} | {row['ratio']:.2f} |"
+            f"{row['localize']:.1f} | {row['full_rerun']:.1f} | {verdict} | "
+            f"{row['ratio']:.2f} |"
         )
-    lines += ["", "Localization workers (wall seconds: import, whole worker):", ""]
+    lines += [
+        "",
+        "Localization workers, and the full rerun's lockstep worker (wall seconds: "
+        "import, whole worker):",
+        "",
+    ]
     lines += ["| epochs | worker | import | total |", "|---|---|---|---|"]
     for row in rows:
         for name, timing in row["workers"].items():
@@ -133,12 +168,13 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "20 s on this machine depending on the load.",
         "",
         "How it grows with the number of steps: localization replays at most one epoch "
-        "of the referee, from its last checkpoint before the divergent step. It runs a "
-        "workaround segment of at most two epochs. So its time does not grow with the "
-        "length of the run, while the doctor's grows linearly, and the ratio falls as "
-        "runs get longer. The default 100-epoch doctor run on all CPU configurations "
-        "was not measured here, because runs were kept to 10 epochs on this shared "
-        "machine.",
+        "of the referee, from its last checkpoint before the divergent step, and runs "
+        "a workaround segment of at most two epochs; that part does not grow with the "
+        "length of the run, while the doctor's grows linearly, so the ratio falls as "
+        "runs get longer. The full rerun that --rerun-workaround adds trains every "
+        "step of one configuration, so it grows linearly too. Its cost is one more "
+        "worker of the workaround's mode, which for eager mode is several times that "
+        "of the compiled run.",
         "",
         f"Localization found: {rows[-1]['summary']}.",
         "",

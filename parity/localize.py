@@ -18,8 +18,10 @@ For each divergent configuration of a doctor run:
    implementation) and the attribution is repeated. The first change that makes
    the divergence vanish is the setting that triggers it.
 3. **What now.** A standalone reproducer for the guilty layer and phase
-   (`parity.reproducer`), and a workaround from `parity.workarounds`, tested by
-   rerunning a lockstep segment of the configuration with it.
+   (`parity.reproducer`), and a workaround from `parity.workarounds`. The
+   workaround is tested on a short lockstep segment around the divergent step,
+   then by rerunning the whole configuration with it, which gets a verdict of
+   the same kind as the doctor's table.
 
 Worker processes exchange tensors through safetensors files.
 """
@@ -53,6 +55,7 @@ from parity.setting import (
     Variant,
     WorkaroundCheck,
     check_workaround,
+    rerun_workaround,
     search_setting,
     segment_bounds,
     shares_process,
@@ -138,6 +141,8 @@ class LocalizeContext:
     timeout: float
     max_variants: int
     installed: list[str]
+    # The signal that stopped a full workaround rerun. Later localizations are skipped.
+    stopped: str | None = None
 
 
 def examined_steps(judgement: Judgement) -> list[int]:
@@ -258,7 +263,13 @@ def localize_doctor(
     localizations = {}
     for plan in plans:
         began = time.perf_counter()
-        if not referee_outcome.ok:
+        if context.stopped is not None:
+            found = Localization(
+                str(plan.result.run.config),
+                "failed",
+                f"not localized: stopped by {context.stopped}",
+            )
+        elif not referee_outcome.ok:
             found = Localization(
                 str(plan.result.run.config),
                 "failed",
@@ -497,6 +508,14 @@ def _localize_one(context: LocalizeContext, plan: _Plan) -> Localization:
         vanished,
         variant_outcomes,
     )
+    if localization.workaround is not None and context.doctor.options.rerun_workaround:
+        localization.workaround.full = rerun_workaround(
+            context,
+            result,
+            _run_spec(Path(context.doctor.options.out), result),
+            localization.workaround,
+            plan.directory,
+        )
     _write_reproducer(context, result, localization, meta, candidate.meta.get("layers"))
     return localization
 
@@ -645,10 +664,13 @@ def print_localization(doctor: DoctorResult) -> None:
             print(f"  setting: {found.setting.summary}")
         check = found.workaround
         if check is not None:
-            print(
-                f"  workaround {check.workaround.name}: {check.workaround.summary} "
-                f"Rerun with it: {check.verdict}, {check.reason}."
-            )
+            print(f"  workaround {check.workaround.name}: {check.workaround.summary}")
+            print(f"    segment rerun{segment_details(check)}")
+            if check.full is not None:
+                verdict, details = full_rerun_verdict(check)
+                print(f"    full rerun with it: {verdict}{details}")
+            else:
+                print("    (--rerun-workaround also reruns the whole configuration)")
         if found.reproducer:
             print(f"  reproducer: python {found.reproducer}")
         elif found.reproducer_error:
@@ -656,6 +678,33 @@ def print_localization(doctor: DoctorResult) -> None:
     diagnosis = doctor.summary.get("model_diagnosis")
     if diagnosis:
         print(f"\nmodel diagnosis ({diagnosis['verdict']}): {diagnosis['summary']}")
+
+
+def full_rerun_verdict(check: WorkaroundCheck) -> tuple[str, str]:
+    """Return the full rerun's verdict and the text that follows it in the output.
+
+    The text gives the excess and final accuracy, the verdict's reason, what ran
+    and the run directory.
+    """
+    full = check.full
+    if full is None:
+        return "not-run", ": it was not started"
+    ran = check.config + (f" with {check.optimizer}" if check.optimizer else "")
+    if full.epochs is not None:
+        ran = f"all {full.epochs} epochs of {ran}"
+    measured = ""
+    if full.verdict in ("consistent", "roundoff", "divergent"):
+        excess = "not finite" if full.excess is None else f"{full.excess:.3g}x"
+        measured = f", excess {excess}"
+        if full.final_accuracy is not None:
+            measured += f", final accuracy {full.final_accuracy:.3f}"
+    where = f" in {full.run_directory}" if full.run_directory else ""
+    return full.verdict, f"{measured}; {full.reason} ({ran}{where})"
+
+
+def segment_details(check: WorkaroundCheck) -> str:
+    """Return the segment check of a workaround as text: its verdict and why."""
+    return f": {check.segment.verdict}, {check.segment.reason}"
 
 
 def localization_html(doctor: DoctorResult) -> list[str]:
@@ -682,12 +731,19 @@ def localization_html(doctor: DoctorResult) -> list[str]:
             items.append(f"Setting: {html.escape(found.setting.summary)}")
         if found.workaround is not None:
             check = found.workaround
-            items.append(
+            text = (
                 f"Workaround <b>{html.escape(check.workaround.name)}</b>: "
                 f"{html.escape(check.workaround.summary)} "
-                f"<code>{html.escape(check.workaround.code)}</code>. Rerun with it: "
-                f"<b>{html.escape(check.verdict)}</b>, {html.escape(check.reason)}."
+                f"<code>{html.escape(check.workaround.code)}</code>. "
+                f"Segment rerun{html.escape(segment_details(check))}."
             )
+            if check.full is not None:
+                verdict, details = full_rerun_verdict(check)
+                text += (
+                    f"<br>Full rerun with it: <b>{html.escape(verdict)}</b>"
+                    f"{html.escape(details)}."
+                )
+            items.append(text)
         if found.reproducer:
             items.append(
                 f"Reproducer: <code>python {html.escape(found.reproducer)}</code> "

@@ -5,13 +5,16 @@ device, precision policy, thread count, oneDNN, backend, optimizer
 implementation). Each variant runs the same attribution as the configuration in
 a worker of its own, with the same emulated faults, and a short lockstep
 segment. The first variant, in order, whose attribution has no divergent phase
-names the setting that triggers the fault. Its segment's verdict is the evidence
-for the workaround that `parity.workarounds` picks for that setting.
+names the setting that triggers the fault. `parity.workarounds` picks a
+workaround for that setting. Its segment's verdict is the quick evidence, and a
+rerun of the whole configuration with the workaround, judged as the doctor judges
+its own runs, is the final one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,11 +26,19 @@ from parity.attribution import attribute, guilty_row
 from parity.config import MODES, Configuration, parse_config
 from parity.localize_jobs import Job, Outcome, run_jobs
 from parity.lockstep import relative_distance
+from parity.runner import (
+    Interrupted,
+    PlannedRun,
+    default_memory_limit,
+    execute,
+    parse_memory_limit,
+)
 from parity.verdict import (
     DIVERGENT_EXCESS,
     ENVELOPE_FLOOR_UNITS,
     FLOAT32_UNIT_ROUNDOFF,
     UNIT_ROUNDOFF,
+    judge,
 )
 from parity.workarounds import (
     REFERENCE_ADAM,
@@ -39,6 +50,8 @@ from parity.workarounds import (
 if TYPE_CHECKING:
     from parity.localize import Localization, LocalizeContext
     from parity.runner import RunResult
+
+log = logging.getLogger("parity")
 
 # Modes whose compilation takes minutes on the CPU, left out of the setting search.
 SLOW_MODES = frozenset({("torch", "compile")})
@@ -87,27 +100,70 @@ class Setting:
 
 
 @dataclasses.dataclass
-class WorkaroundCheck:
-    """A workaround and the verdict of the configuration rerun with it."""
+class SegmentCheck:
+    """The verdict of a short lockstep segment rerun with a workaround."""
 
-    workaround: Workaround
-    config: str
-    optimizer: str | None
     verdict: str  # roundoff, divergent or failed
     excess: float | None
-    steps: tuple[int, int] | None
+    steps: tuple[int, int] | None  # first and last step of the segment
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the workaround and its check as JSON fields."""
+        """Return the segment's check as JSON fields."""
         return {
-            **self.workaround.to_dict(),
-            "config": self.config,
-            "optimizer": self.optimizer,
             "verdict": self.verdict,
             "excess": self.excess,
             "steps": list(self.steps) if self.steps else None,
             "reason": self.reason,
+        }
+
+
+@dataclasses.dataclass
+class FullRerun:
+    """The doctor's verdict on the whole configuration rerun with a workaround.
+
+    The fields are those of the doctor's table (`parity.verdict.Judgement`).
+    """
+
+    verdict: str  # one of parity.verdict.VERDICTS
+    reason: str
+    excess: float | None = None
+    first_divergent_step: int | None = None
+    boundary_disagreement: float | None = None
+    final_accuracy: float | None = None
+    epochs: int | None = None
+    run_directory: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the rerun's verdict and measured values as JSON fields."""
+        fields = dataclasses.asdict(self)
+        fields["seconds"] = round(self.seconds, 3)
+        return fields
+
+
+@dataclasses.dataclass
+class WorkaroundCheck:
+    """A workaround, the segment rerun with it, and the whole run rerun with it."""
+
+    workaround: Workaround
+    config: str
+    optimizer: str | None
+    segment: SegmentCheck
+    full: FullRerun | None = None  # None until `rerun_workaround` has run
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the workaround and its checks as JSON fields.
+
+        The top-level verdict and measured values are the segment's. The full
+        rerun's are under ``full_rerun``, null unless it was requested.
+        """
+        return {
+            **self.workaround.to_dict(),
+            "config": self.config,
+            "optimizer": self.optimizer,
+            **self.segment.to_dict(),
+            "full_rerun": None if self.full is None else self.full.to_dict(),
         }
 
 
@@ -455,18 +511,105 @@ def check_workaround(
     bounds = (base["segment"]["start"], base["segment"]["end"])
     if not outcome.ok or "segment/digest" not in outcome.tensors:
         reason = f"the rerun with the workaround failed: {outcome.error}"
-        return WorkaroundCheck(
-            workaround, str(applied), optimizer, "failed", None, bounds, reason
+        segment = SegmentCheck("failed", None, bounds, reason)
+    else:
+        verdict, excess, reason = segment_verdict(
+            outcome.tensors["segment/digest"],
+            context.referee,
+            context.envelope,
+            bounds[0],
+            applied.precision,
         )
-    verdict, excess, reason = segment_verdict(
-        outcome.tensors["segment/digest"],
-        context.referee,
-        context.envelope,
-        bounds[0],
-        applied.precision,
+        segment = SegmentCheck(verdict, excess, bounds, reason)
+    return WorkaroundCheck(workaround, str(applied), optimizer, segment)
+
+
+def rerun_workaround(
+    context: LocalizeContext,
+    result: RunResult,
+    common: dict[str, Any],
+    check: WorkaroundCheck,
+    directory: Path,
+) -> FullRerun:
+    """Rerun a whole configuration with a workaround and judge it as the doctor does.
+
+    The rerun is an ordinary lockstep worker (`parity.runner.execute`) with the
+    doctor's spec ``common``, the same emulated faults, and the workaround's
+    configuration and optimizer, in ``directory/workaround-NAME-full``. It is
+    judged against the doctor's referee and envelope. A failed worker gives the
+    verdict failed. A stop signal gives not-run and sets ``context.stopped``, so
+    that the rest of the localization is skipped.
+    """
+    key = f"workaround-{check.workaround.name}-full"
+    run_directory = str(directory / key)
+    if context.stopped is not None:
+        return FullRerun(
+            "not-run",
+            f"not started: stopped by {context.stopped}",
+            run_directory=None,
+        )
+    spec = {
+        name: value
+        for name, value in common.items()
+        if name not in ("config", "role", "faults", "perturb_seed")
+    }
+    if check.optimizer is not None:
+        if "scenario" not in spec:
+            # NOTE: the lockstep worker swaps the optimizer only when it compiles
+            # a built-in scenario, and compiles a user model as the user wrote it.
+            return FullRerun(
+                "not-run",
+                f"the full rerun with {check.optimizer} runs for built-in scenarios "
+                "only; a user model keeps the optimizer it was compiled with",
+            )
+        spec["optimizer"] = check.optimizer
+    run = PlannedRun(
+        key, parse_config(check.config), "candidate", tuple(result.run.faults)
     )
-    return WorkaroundCheck(
-        workaround, str(applied), optimizer, verdict, excess, bounds, reason
+    options = context.doctor.options
+    memory_limit = (
+        default_memory_limit(1)
+        if options.memory_limit is None
+        else parse_memory_limit(options.memory_limit)
+    )
+    log.info(
+        "rerunning all of %s with workaround %s in %s",
+        check.config,
+        check.workaround.name,
+        run_directory,
+    )
+    try:
+        (rerun,) = execute(
+            [run],
+            directory,
+            spec,
+            jobs=1,
+            timeout=context.timeout,
+            memory_limit=memory_limit,
+            resume=options.resume,
+        )
+    except Interrupted as interruption:
+        (rerun,) = interruption.results
+        context.stopped = interruption.signal_name
+        log.warning(
+            "the full rerun of %s with workaround %s was stopped by %s; "
+            "the localization so far is kept",
+            check.config,
+            check.workaround.name,
+            interruption.signal_name,
+        )
+    judgement = judge(rerun, context.referee, context.envelope)
+    epochs = rerun.meta.get("epochs")
+    return FullRerun(
+        judgement.verdict,
+        judgement.reason,
+        excess=judgement.excess,
+        first_divergent_step=judgement.first_divergent_step,
+        boundary_disagreement=judgement.boundary_disagreement,
+        final_accuracy=rerun.meta.get("final_accuracy"),
+        epochs=int(epochs) if epochs is not None else None,
+        run_directory=run_directory,
+        seconds=rerun.wall_seconds,
     )
 
 

@@ -201,14 +201,18 @@ def reference_adam(keras: Any, **options: Any) -> Any:
 def swap_optimizer(keras: Any, model: Any, option: str | None) -> None:
     """Recompile a compiled model with the optimizer that ``option`` names.
 
-    None keeps the model's optimizer. Only Adam can be swapped for the reference
-    Adam; other optimizers raise ValueError.
+    None keeps the model's optimizer, and so does a model already compiled with
+    the reference Adam (the lockstep worker compiles a scenario with it when its
+    spec names it). Only Adam can be swapped for the reference Adam; other
+    optimizers raise ValueError.
     """
     if option is None:
         return
     if option != REFERENCE_ADAM:
         raise ValueError(f"unknown optimizer option {option!r}; use {REFERENCE_ADAM!r}")
     current = model.optimizer
+    if type(current).__name__ == "ReferenceAdam":
+        return
     config = current.get_config()
     if type(current).__name__ != "Adam" or config.get("amsgrad"):
         raise ValueError(

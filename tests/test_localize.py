@@ -10,10 +10,14 @@ worker processes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -34,15 +38,16 @@ from parity.diagnose import (
 )
 from parity.env import installed_backends
 from parity.io import atomic_write_tensors
-from parity.localize import examined_steps
-from parity.localize_jobs import Job, run_jobs
-from parity.lockstep import initial_weights
+from parity.localize import LocalizeContext, examined_steps, print_localization
+from parity.localize_jobs import Job, Outcome, run_jobs
+from parity.lockstep import initial_weights, relative_distance
 from parity.phases import REPRODUCER_DIVERGENT_EXCESS, simple_excess
 from parity.reproducer import render_script
-from parity.runner import PlannedRun, RunResult
-from parity.setting import segment_verdict, variants
+from parity.runner import PlannedRun, RunResult, execute
+from parity.setting import rerun_workaround, segment_verdict, variants
 from parity.tensors import DIVERGENT_EXCESS, compare_tensors
-from parity.verdict import Judgement
+from parity.verdict import DIVERGENT_EXCESS as VERDICT_DIVERGENT_EXCESS
+from parity.verdict import Judgement, envelope_curve
 from parity.workarounds import choose_workaround
 
 INSTALLED = installed_backends()
@@ -472,6 +477,7 @@ def fused_run(tmp_path_factory):
         jobs=1,
         out=out,
         localize=True,
+        rerun_workaround=True,
     )
     entry = next(e for e in result.summary["configs"] if e["config"] == FUSED)
     return result, entry, out
@@ -502,12 +508,48 @@ def test_fused_fault_setting_is_graph_mode(fused_run):
 
 
 @pytest.mark.slow
-def test_fused_fault_workaround_comes_out_roundoff(fused_run):
+def test_fused_fault_workaround_segment_roundoff(fused_run):
     _, entry, _ = fused_run
     workaround = entry["localization"]["workaround"]
     assert workaround["name"] == "run-eagerly"
+    assert workaround["verdict"] == "roundoff", workaround["reason"]
+    assert workaround["excess"] < VERDICT_DIVERGENT_EXCESS
+
+
+@pytest.mark.slow
+def test_fused_fault_workaround_full_rerun(fused_run):
+    """The whole 2-epoch run with the workaround gets the doctor's own verdict."""
+    result, entry, out = fused_run
+    assert (
+        entry["localization"]["workaround"]["config"] == "tensorflow:cpu:eager:float32"
+    )
+    workaround = entry["localization"]["workaround"]["full_rerun"]
     assert workaround["verdict"] in ("roundoff", "consistent"), workaround["reason"]
-    assert workaround["excess"] < 30
+    assert workaround["excess"] is not None
+    assert workaround["excess"] < VERDICT_DIVERGENT_EXCESS
+    assert workaround["first_divergent_step"] is None
+    assert workaround["boundary_disagreement"] is not None
+    referee_accuracy = result.referee.meta["final_accuracy"]
+    assert workaround["final_accuracy"] == pytest.approx(referee_accuracy, abs=0.01)
+    assert workaround["epochs"] == 2
+    directory = Path(workaround["run_directory"])
+    assert directory.parent.parent == out / "localize"
+    saved = json.loads((directory / "result.json").read_text())
+    assert saved["steps"] == result.referee.meta["steps"]
+    assert saved["faults"] == ["fused-dense-relu"]
+
+
+@pytest.mark.slow
+def test_fused_fault_full_rerun_printed(fused_run, capsys):
+    result, entry, out = fused_run
+    workaround = entry["localization"]["workaround"]["full_rerun"]
+    print_localization(result)
+    printed = capsys.readouterr().out
+    expected = f"full rerun with it: {workaround['verdict']}, excess "
+    assert expected + f"{workaround['excess']:.3g}x" in printed
+    assert "segment rerun: roundoff" in printed
+    page = (out / "report.html").read_text()
+    assert f"Full rerun with it: <b>{workaround['verdict']}</b>, excess " in page
 
 
 @pytest.mark.slow
@@ -540,6 +582,62 @@ def test_fused_fault_report_and_diagnosis(fused_run):
     assert saved["configs"][0]["localization"]["phase"] == "forward"
 
 
+def _rerun_context(result, out, timeout):
+    """Return a localization context of the fused run, for `rerun_workaround`."""
+    referee = result.referee
+    envelope = envelope_curve(
+        result.envelope_runs, referee, referee.meta["steps_per_epoch"]
+    )
+    referee_outcome = Outcome("referee", "ok", {}, out / "localize" / "referee")
+    return LocalizeContext(
+        result, out, referee, referee_outcome, envelope, 1, timeout, 1, INSTALLED
+    )
+
+
+def _rerun_inputs(result, out):
+    """Return the divergent run, its doctor spec and its workaround check."""
+    candidate = result.candidates[0]
+    spec = json.loads((out / "runs" / candidate.run.key / "spec.json").read_text())
+    check = result.localizations[candidate.run.key].workaround
+    return candidate, spec, dataclasses.replace(check, full=None)
+
+
+@pytest.mark.slow
+def test_full_rerun_timeout_is_failed(fused_run, tmp_path):
+    result, _, out = fused_run
+    context = _rerun_context(result, out, timeout=0.5)
+    candidate, spec, check = _rerun_inputs(result, out)
+    check.full = rerun_workaround(context, candidate, spec, check, tmp_path)
+    assert check.full.verdict == "failed"
+    assert "timed out after 0.5 s" in check.full.reason
+    saved = check.to_dict()
+    assert saved["full_rerun"]["verdict"] == "failed"
+    assert saved["verdict"] == "roundoff"
+    assert context.stopped is None
+
+
+@pytest.mark.slow
+def test_full_rerun_interrupted_is_not_run(fused_run, tmp_path):
+    """SIGINT during the rerun stops it; the check reports it and is kept."""
+    result, _, out = fused_run
+    context = _rerun_context(result, out, timeout=600)
+    candidate, spec, check = _rerun_inputs(result, out)
+    # The worker imports TensorFlow for longer than this, so it is still running.
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        check.full = rerun_workaround(context, candidate, spec, check, tmp_path)
+    finally:
+        timer.cancel()
+    assert check.full.verdict == "not-run"
+    assert "stopped by SIGINT" in check.full.reason
+    assert context.stopped == "SIGINT"
+    assert check.to_dict()["verdict"] == "roundoff"
+    skipped = rerun_workaround(context, candidate, spec, check, tmp_path)
+    assert skipped.verdict == "not-run"
+    assert skipped.run_directory is None
+
+
 @pytest.mark.slow
 def test_referee_replay_matches_recorded_step(fused_run, tmp_path):
     """A step inside an epoch is reached by replaying from the epoch's checkpoint."""
@@ -564,6 +662,43 @@ def test_referee_replay_matches_recorded_step(fused_run, tmp_path):
     np.testing.assert_allclose(replayed, recorded, rtol=1e-12, atol=0)
     batch = outcome.tensors["40/batch"]
     np.testing.assert_array_equal(batch, referee.arrays["schedule"][1][8 * 32 : 9 * 32])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("jax" not in INSTALLED, reason="needs jax")
+def test_lockstep_worker_swaps_in_reference_adam(tmp_path):
+    """The reference Adam avoids the adam-epsilon fault, which patches Keras' Adam.
+
+    A full workaround rerun passes the optimizer option to the lockstep worker.
+    """
+    config = parse_config("jax:cpu:jit:float32")
+    common = {
+        "scenario": "circles",
+        "epochs": 1,
+        "batch_size": 32,
+        "seed": 0,
+        "learning_rate": 0.01,
+        "activation": "relu",
+    }
+    runs = [
+        PlannedRun("plain", config),
+        PlannedRun("faulty", config, faults=("adam-epsilon",)),
+    ]
+    plain, faulty = execute(runs, tmp_path, common, jobs=2, timeout=600)
+    (swapped,) = execute(
+        [PlannedRun("swapped", config, faults=("adam-epsilon",))],
+        tmp_path,
+        {**common, "optimizer": "reference-adam"},
+        jobs=1,
+        timeout=600,
+    )
+    for result in (plain, faulty, swapped):
+        assert result.ok, f"{result.run.key}: {result.error}"
+    digest = plain.arrays["steps/digest"]
+    faulty_distance = relative_distance(faulty.arrays["steps/digest"], digest)
+    swapped_distance = relative_distance(swapped.arrays["steps/digest"], digest)
+    assert np.max(faulty_distance) > 1e-3
+    assert np.max(swapped_distance) < 1e-6
 
 
 @pytest.fixture(scope="module")
