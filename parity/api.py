@@ -315,11 +315,51 @@ def run_model(
     runs = plan_runs(doctor_options)
     _overrides(options)
     prepare_output_paths(doctor_options)
-    out = Path(options.out)
-    train, evaluation, findings = _prepare_data(options)
+    data = prepare_data(options)
+    prepared = prepare_model_run(options, runs, data, Path(options.out))
+    return run_planned(
+        doctor_options,
+        prepared.scenario,
+        runs,
+        prepared.common,
+        prepared.timeout,
+        progress,
+    )
 
-    reference = _resolve_reference(options, out)
-    description = _inspect(options, reference, train.x.shape[1:], runs, out)
+
+@dataclasses.dataclass
+class PreparedData:
+    """The data as read (``dataset``), split into training and held-out rows."""
+
+    dataset: Dataset
+    train: Dataset
+    evaluation: Dataset | None
+    nonfinite: list[str]  # findings of NaN and inf, when they are allowed
+
+
+@dataclasses.dataclass
+class PreparedModel:
+    """A checked model with its stored data: what the workers of a run share."""
+
+    reference: ModelReference
+    description: dict[str, Any]
+    scenario: Scenario
+    common: dict[str, Any]  # the common worker spec
+    timeout: float  # seconds per worker
+
+
+def prepare_model_run(
+    options: RunOptions, runs: list[PlannedRun], data: PreparedData, directory: Path
+) -> PreparedModel:
+    """Inspect the model against the data and store both in ``directory`` for workers.
+
+    ``runs`` must include the referee, whose backend inspects the model.
+    `parity run` and `parity record MODEL` share this step.
+    """
+    train, evaluation = data.train, data.evaluation
+    reference_text = _reference_text(options.model)
+    reference = _resolve_reference(options, directory)
+    description = _inspect(options, reference, train.x.shape[1:], runs, directory)
     loss_name = description["training"]["loss_name"]
     output_shape = description["output_shape"]
     train_labels = prepare_labels(train.y, loss_name, output_shape, train.source)
@@ -328,7 +368,7 @@ def run_model(
         evaluation_labels = prepare_labels(
             evaluation.y, loss_name, output_shape, evaluation.source
         )
-    data_path = out / DATA_FILE
+    data_path = directory / DATA_FILE
     write_data(data_path, train, train_labels, evaluation, evaluation_labels)
     if description["random_layers"]:
         log.warning(
@@ -358,7 +398,7 @@ def run_model(
             "train_rows": len(train.x),
             "held_out_rows": 0 if evaluation is None else len(evaluation.x),
             "feature_shape": list(train.x.shape[1:]),
-            "nonfinite": findings,
+            "nonfinite": data.nonfinite,
         },
         "training": training,
         "epochs": options.epochs,
@@ -369,11 +409,11 @@ def run_model(
     timeout = options.timeout or (
         TIMEOUT_BASE_SECONDS + TIMEOUT_SECONDS_PER_STEP * steps
     )
-    return run_planned(doctor_options, scenario, runs, common, timeout, progress)
+    return PreparedModel(reference, description, scenario, common, timeout)
 
 
-def _prepare_data(options: RunOptions) -> tuple[Dataset, Dataset | None, list[str]]:
-    """Read and check the data; return training rows, held-out rows, NaN findings."""
+def prepare_data(options: RunOptions) -> PreparedData:
+    """Read and check the data and split off the held-out rows."""
     dataset = _read_dataset(options)
     findings = check_finite(dataset, options.allow_nonfinite)
     if options.validation_data is None:
@@ -394,7 +434,7 @@ def _prepare_data(options: RunOptions) -> tuple[Dataset, Dataset | None, list[st
                 f"{train.x.shape[1:]}: give both the same features."
             )
     check_batch_size(options.batch_size, train)
-    return train, evaluation, findings
+    return PreparedData(dataset, train, evaluation, findings)
 
 
 def _resolve_reference(options: RunOptions, out: Path) -> ModelReference:

@@ -449,6 +449,22 @@ def random_layers(model: Any) -> list[str]:
     ]
 
 
+def layer_summary(model: Any) -> list[dict[str, Any]]:
+    """Return each layer's name, class, parameter count and activation, depth first."""
+    layers = []
+    for layer in all_layers(model):
+        activation = getattr(layer, "activation", None)
+        layers.append(
+            {
+                "name": layer.name,
+                "class_name": type(layer).__name__,
+                "num_params": int(layer.count_params()) if layer.built else 0,
+                "activation": getattr(activation, "__name__", None),
+            }
+        )
+    return layers
+
+
 def describe_model(
     keras: Any,
     model: Any,
@@ -496,6 +512,7 @@ def describe_model(
         "num_weights": len(model.weights),
         "compiled": compile_config is not None,
         "random_layers": random_layers(model),
+        "layers": layer_summary(model),
         "training": training,
     }
 
