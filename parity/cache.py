@@ -26,6 +26,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from parity.errors import InputError
+
 log = logging.getLogger("parity")
 
 # Entries kept before the least recently used are deleted. A 100-epoch circles
@@ -37,12 +39,25 @@ CACHED_ROLES = frozenset({"referee", "envelope"})
 
 
 def default_cache_dir() -> Path | None:
-    """Return the store's directory, or None when ``PARITY_CACHE_DIR`` is empty."""
+    """Return the store's directory, or None when ``PARITY_CACHE_DIR`` is empty.
+
+    Raises `InputError` when the path exists and is not a directory.
+    """
     configured = os.environ.get("PARITY_CACHE_DIR")
     if configured is not None:
-        return Path(configured).expanduser() if configured.strip() else None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return Path(base).expanduser() / "parity" / "runs"
+        if not configured.strip():
+            return None
+        directory = Path(configured).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        directory = Path(base).expanduser() / "parity" / "runs"
+    if directory.exists() and not directory.is_dir():
+        raise InputError(
+            f"The run store {str(directory)!r} is not a directory. Set "
+            "PARITY_CACHE_DIR to a directory, or to an empty value to turn the store "
+            "off, or pass --no-cache (Python: cache=False)."
+        )
+    return directory
 
 
 def fetch(cache_dir: Path, key: str, destination: Path) -> bool:
@@ -75,7 +90,13 @@ def store(cache_dir: Path, key: str, source: Path) -> None:
         shutil.copytree(source, staging)
         staging.rename(entry)
     except OSError as error:
-        log.warning("cannot store run %s in %s: %s", source, cache_dir, error)
+        log.warning(
+            "cannot store run %s in %s: %s; set PARITY_CACHE_DIR to a writable "
+            "directory, or to an empty value to turn the store off",
+            source,
+            cache_dir,
+            error,
+        )
         shutil.rmtree(staging, ignore_errors=True)
         return
     log.info("stored %s in %s for later runs", source.name, cache_dir)

@@ -48,6 +48,11 @@ log = logging.getLogger("parity")
 # Envelope runs: float32 runs from initial weights moved by one ulp, one per seed.
 ENVELOPE_SEEDS = (1, 2)
 
+# Upper bound on --epochs. Each worker keeps the batch schedule (8 bytes per sample
+# per epoch) and per-step records (about 2 KiB per step) in memory, so 10,000
+# epochs of circles take about 700 MiB per worker.
+MAX_EPOCHS = 10_000
+
 # Seconds a worker may take before it is stopped: a fixed start-up allowance for
 # importing a framework, plus a per-step allowance that covers eager modes, which
 # run about 30 ms per step on a two-core CPU for the built-in scenarios.
@@ -156,6 +161,11 @@ def _validate_numbers(options: DoctorOptions) -> None:
             raise InputError(
                 f"Invalid {flag} {value!r} (Python: {name}=): use a positive integer."
             )
+    if options.epochs is not None and options.epochs > MAX_EPOCHS:
+        raise InputError(
+            f"Invalid --epochs {options.epochs} (Python: epochs=): at most "
+            f"{MAX_EPOCHS} epochs can be recorded step by step. Use fewer epochs."
+        )
     if options.timeout is not None and not options.timeout > 0:
         raise InputError(
             f"Invalid --timeout {options.timeout!r} (Python: timeout=): use a positive number of seconds."

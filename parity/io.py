@@ -16,6 +16,17 @@ from typing import Any, BinaryIO
 import numpy as np
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only. Written files get the mode
+# that open() would give them, so that a shared report stays readable.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def atomic_write(
     path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
 ) -> None:
@@ -27,6 +38,7 @@ def atomic_write(
     )
     try:
         with os.fdopen(handle, "wb") as stream:
+            os.fchmod(stream.fileno(), FILE_MODE)
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())

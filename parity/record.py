@@ -194,6 +194,12 @@ def record_run(
     is recorded (`parity.record_model.record_model`).
     """
     _check_model_options(options)
+    if "," in str(options.config):
+        raise InputError(
+            f"--config {options.config!r} names several configurations, but a trace "
+            "records one (Python: config=). Record each configuration into its own "
+            "file, then compare the files."
+        )
     if options.model is not None:
         from parity.record_model import record_model
 
@@ -353,6 +359,17 @@ def check_writable(url: str | os.PathLike[str]) -> None:
                 f"Cannot write the trace {url}: the directory {directory} does not "
                 "exist. Create it first."
             )
+        # Writing a probe file is the one check that holds for permissions,
+        # read-only mounts and pseudo file systems such as /proc alike.
+        try:
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".parity-probe-"):
+                pass
+        except OSError as error:
+            raise InputError(
+                f"Cannot write the trace {url}: the directory {directory} is not "
+                f"writable ({error.strerror or error}). Choose another -o path "
+                "(Python: output=)."
+            ) from None
 
 
 def trace_contents(

@@ -316,13 +316,14 @@ def segment_verdict(
         return (
             "divergent",
             largest,
-            f"leaves the round-off envelope at step {step} (max excess {largest:.3g}x)",
+            f"passes {DIVERGENT_EXCESS:g}x the round-off envelope at step {step} "
+            f"(max excess {largest:.3g}x)",
         )
     return (
         "roundoff",
         largest,
-        f"within the round-off envelope over steps {start} to {end} "
-        f"(max excess {largest:.3g}x <= {DIVERGENT_EXCESS:g}x)",
+        f"below {DIVERGENT_EXCESS:g}x the round-off envelope over steps {start} to "
+        f"{end} (max excess {largest:.3g}x)",
     )
 
 

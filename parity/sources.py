@@ -194,6 +194,11 @@ def _read_table(path: Path, target: str | None) -> Dataset:
             f"Label column {target!r} (--target) not found in {str(path)!r}. "
             f"Its columns are: {_column_list(frame.columns)}."
         )
+    if frame.empty:
+        raise InputError(
+            f"Data file {str(path)!r} has columns {_column_list(frame.columns)} but "
+            "no data rows. Pass a table with at least one row per batch."
+        )
     text_columns = [
         str(name)
         for name, dtype in frame.dtypes.items()

@@ -194,17 +194,19 @@ def judge(
         judgement.verdict = "divergent"
         judgement.first_divergent_step = step
         judgement.reason = (
-            f"leaves the round-off envelope at step {step} (excess {excess[step]:.3g}x > "
-            f"{DIVERGENT_EXCESS:g}x; max {largest}); {described}"
+            f"passes {DIVERGENT_EXCESS:g}x the round-off envelope at step {step} "
+            f"(excess {excess[step]:.3g}x; max {largest}); {described}"
         )
     elif fraction is not None and fraction <= CONSISTENT_MAX_DISAGREEMENT:
         judgement.verdict = "consistent"
         judgement.reason = (
-            f"within the round-off envelope (max excess {largest}); {described}"
+            f"below {DIVERGENT_EXCESS:g}x the round-off envelope (max excess "
+            f"{largest}); {described}"
         )
     else:
         judgement.reason = (
-            f"within the round-off envelope (max excess {largest}), "
+            f"below {DIVERGENT_EXCESS:g}x the round-off envelope (max excess "
+            f"{largest}), "
             f"but chaotic drift changes the result: {described}"
         )
     return judgement

@@ -236,6 +236,16 @@ CASES: list[tuple[str, list[str], str]] = [
         "'nope'",
     ),
     (
+        "record several configurations",
+        ["record", "--config", "jax:cpu:jit,torch:cpu:eager", "-o", "x.parity"],
+        "several configurations",
+    ),
+    (
+        "epochs too many",
+        ["doctor", "--epochs", "99999999999999999999"],
+        "--epochs 99999999999999999999",
+    ),
+    (
         "record output below a file",
         ["record", "--config", "jax:cpu:jit", "-o", "file.txt/x.parity"],
         "file.txt",
@@ -350,3 +360,24 @@ def test_subprocess_non_utf8_fault_name(tmp_path):
     assert completed.returncode == 2
     assert ".py:inject" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+def test_record_output_checked_before_training(capsys):
+    # /proc rejects new files even for root, for whom permission bits do not count.
+    status, err = _run_in_process(
+        ["record", "--config", "jax:cpu:jit", "-o", "/proc/parity-test.parity"], capsys
+    )
+    assert status == 2, err
+    assert "/proc is not writable" in err
+    assert ".tmp" not in err
+
+
+def test_table_without_rows_is_named(tmp_path):
+    from parity.errors import InputError
+    from parity.sources import read_data
+
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("a,b,label\n")
+    with pytest.raises(InputError, match="no data rows"):
+        read_data(str(header_only), target="label")

@@ -14,6 +14,7 @@ import parity
 from parity import cache, lockstep
 from parity.config import parse_config
 from parity.env import installed_backends
+from parity.errors import InputError
 from parity.runner import PlannedRun, available_cores, execute, worker_threads
 from parity.worker import ARRAYS_FILE
 
@@ -34,6 +35,7 @@ COMPARE_STEPPERS = textwrap.dedent(
     import numpy as np
     from parity import lockstep, stepping
     from parity.config import parse_config
+from parity.errors import InputError
     from parity.scenarios import get_scenario
     from parity.worker import compile_model, configure_backend, set_environment
 
@@ -242,3 +244,11 @@ def test_empty_cache_variable_turns_the_store_off(monkeypatch, tmp_path):
     monkeypatch.delenv("PARITY_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache.default_cache_dir() == tmp_path / "parity" / "runs"
+
+
+def test_store_path_that_is_a_file_is_rejected(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PARITY_CACHE_DIR", str(blocker))
+    with pytest.raises(InputError, match="is not a directory"):
+        cache.default_cache_dir()
