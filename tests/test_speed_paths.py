@@ -2,6 +2,7 @@
 shares for parallel workers, and the store of referee and envelope runs."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -35,7 +36,6 @@ COMPARE_STEPPERS = textwrap.dedent(
     import numpy as np
     from parity import lockstep, stepping
     from parity.config import parse_config
-from parity.errors import InputError
     from parity.scenarios import get_scenario
     from parity.worker import compile_model, configure_backend, set_environment
 
@@ -219,6 +219,8 @@ def test_unwritable_store_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("PARITY_CACHE_DIR", str(blocker / "store"))
+    # CLI tests in the same process may have raised parity's log level with -q.
+    caplog.set_level(logging.WARNING, logger="parity")
     result = _doctor(tmp_path / "out")
     assert result.summary["referee"]["status"] == "ok"
     assert result.summary["configs"][0]["verdict"] in ("consistent", "roundoff")
