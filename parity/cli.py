@@ -271,21 +271,10 @@ def _run(args: argparse.Namespace) -> int:
     from parity.api import RunOptions, run_model
 
     options = RunOptions(
-        model=args.model,
-        data=args.data,
-        x_name=args.x_name,
-        y_name=args.y_name,
-        target=args.target,
-        imports=args.imports,
-        validation_split=args.validation_split,
+        **_model_option_values(args),
         configs=args.configs,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        loss=args.loss,
-        from_logits=args.from_logits,
-        optimizer=args.optimizer,
-        learning_rate=args.learning_rate,
-        metrics=args.metrics,
         seed=args.seed,
         faults=args.fault,
         out=args.out,
@@ -295,7 +284,6 @@ def _run(args: argparse.Namespace) -> int:
         memory_limit=args.memory_limit,
         resume=args.resume,
         referee=args.referee,
-        allow_nonfinite=args.allow_nonfinite,
         report=not args.no_report,
     )
     if args.ablate_activation:
@@ -537,6 +525,25 @@ def _add_model_options(parser: Any, data_required: bool = False) -> None:
     )
 
 
+def _model_option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Return MODEL and the values of the options that `_add_model_options` adds."""
+    return {
+        "model": args.model,
+        "data": args.data,
+        "x_name": args.x_name,
+        "y_name": args.y_name,
+        "target": args.target,
+        "imports": args.imports,
+        "validation_split": args.validation_split,
+        "loss": args.loss,
+        "from_logits": args.from_logits,
+        "optimizer": args.optimizer,
+        "learning_rate": args.learning_rate,
+        "metrics": args.metrics,
+        "allow_nonfinite": args.allow_nonfinite,
+    }
+
+
 def _add_trace_report_options(parser: Any) -> None:
     parser.add_argument(
         "--out",
@@ -585,19 +592,7 @@ def _record(args: argparse.Namespace) -> int:
         activation=args.activation,
         jobs=args.jobs,
         timeout=args.timeout,
-        model=args.model,
-        data=args.data,
-        x_name=args.x_name,
-        y_name=args.y_name,
-        target=args.target,
-        imports=args.imports,
-        validation_split=args.validation_split,
-        loss=args.loss,
-        from_logits=args.from_logits,
-        optimizer=args.optimizer,
-        learning_rate=args.learning_rate,
-        metrics=args.metrics,
-        allow_nonfinite=args.allow_nonfinite,
+        **_model_option_values(args),
     )
     with Progress(enabled=not args.quiet) as progress:
         result = record_run(options, progress=progress.update)

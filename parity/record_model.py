@@ -21,10 +21,11 @@ sections in ``meta``:
   ``y_name``, ``target``, ``validation_split``, ``allow_nonfinite``), and
   ``stored``: whether the data itself is in the trace.
 
-Tensors beyond a scenario trace's: ``data/x`` (float32) and ``data/y`` (the labels
-as read) when they fit in `MAX_STORED_DATA_BYTES`, and, for the report's figures,
-``report/classes_eval`` (the class of each compared row, for classifiers) and
-``report/x_eval`` (the compared rows, when they have two features).
+A model trace contains more tensors than a scenario trace. ``data/x`` (float32)
+and ``data/y`` (the labels as read) are stored when they fit in
+`MAX_STORED_DATA_BYTES`. For the report's figures it also stores
+``report/classes_eval``, the class of each compared row of a classifier, and
+``report/x_eval``, the compared rows when they have two features.
 
 A trace never names code that replay runs: the model comes from the MODEL
 argument of ``parity replay``, and its digest must equal the recorded one.

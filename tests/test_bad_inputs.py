@@ -364,7 +364,7 @@ def test_subprocess_non_utf8_fault_name(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 def test_record_output_checked_before_training(capsys):
-    # /proc rejects new files even for root, for whom permission bits do not count.
+    # /proc rejects new files even for root, which permission bits do not stop.
     status, err = _run_in_process(
         ["record", "--config", "jax:cpu:jit", "-o", "/proc/parity-test.parity"], capsys
     )
